@@ -1,0 +1,191 @@
+"""One pure forward pass for every Llama-family model and every use.
+
+`forward(params, config, tokens, cache)` serves prefill (T = prompt), decode (T = 1),
+chain verification (T = k + 1) and token-tree verification (T = tree nodes, with `tree_mask`
+and per-node `positions`). With `cache=None` it is a plain causal forward (training, parity).
+
+Params are a plain pytree; layer weights are stacked along a leading layer axis so the depth
+loop is one `lax.scan` (compile time independent of depth) and early-exit drafting can run
+only the first `n_layers` layers against the same weights and cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from . import layers as nn
+from .cache import KVCache, write_layer
+from .config import ModelConfig
+
+Params = dict[str, Any]
+
+
+@struct.dataclass
+class Output:
+  logits: jax.Array  # [B, T, V] float32
+  cache: KVCache | None  # new entries written at slots lengths .. lengths + T - 1; lengths += T
+  hidden: jax.Array  # [B, T, D] residual stream after the last layer run (before the final norm)
+
+
+def _layer_weights(params: Params, i: jax.Array) -> dict[str, jax.Array]:
+  return jax.tree.map(lambda w: w[i], params["layers"])
+
+
+def _mask(t: int, s: int, lengths: jax.Array | None, tree_mask: jax.Array | None) -> jax.Array:
+  """[B, T, S] attention mask over cache slots (or over the T new tokens when lengths is None).
+
+  A query sees the whole live prefix (slots < length) and, among the new tokens, those its
+  `tree_mask` row allows (causal when tree_mask is None).
+  """
+  tq = jnp.arange(t)[:, None]  # [T, 1]
+  rel = jnp.arange(s)[None, :]  # [1, S] slot relative to the row's length
+  if lengths is not None:
+    rel = rel[None] - lengths[:, None, None]  # [B, 1, S]
+  else:
+    rel = rel[None]
+  if tree_mask is None:
+    return jnp.broadcast_to(rel <= tq[None], (rel.shape[0], t, s))
+  tm = jnp.broadcast_to(tree_mask, (rel.shape[0], t, t)) if tree_mask.ndim == 2 else tree_mask
+  idx = jnp.broadcast_to(jnp.clip(rel, 0, t - 1), (tm.shape[0], t, s))
+  new_ok = jnp.take_along_axis(tm, idx, axis=2)
+  return (rel < 0) | ((rel < t) & new_ok)
+
+
+def forward(
+    params: Params,
+    config: ModelConfig,
+    tokens: jax.Array,
+    cache: KVCache | None = None,
+    *,
+    positions: jax.Array | None = None,
+    tree_mask: jax.Array | None = None,
+    n_layers: int | None = None,
+    logits: bool = True,
+) -> Output:
+  """Runs the decoder over `tokens` [B, T].
+
+  Args:
+    cache: when given, the new K/V go to slots `cache.lengths + arange(T)` and every query
+      also attends to the row's live prefix; the returned cache has `lengths += T`.
+    positions: RoPE positions [B, T]; default `lengths + arange(T)` (tree nodes pass
+      `lengths + depth`).
+    tree_mask: [T, T] or [B, T, T] visibility among the new tokens (default causal).
+    n_layers: run only the first n layers (self-speculative early exit), then the final norm
+      and head. The cache keeps all layers; only the first n are written.
+    logits: compute the [B, T, V] head (skip it when only hidden states are needed).
+  """
+  b, t = tokens.shape
+  n_run = config.n_layers if n_layers is None else n_layers
+  lengths = None if cache is None else cache.lengths
+  if positions is None:
+    base = jnp.zeros((b,), jnp.int32) if lengths is None else lengths
+    positions = base[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+  inv_freq = nn.rope_inv_freq(config)
+  dtype = params["embed"].dtype
+
+  x = params["embed"][tokens].astype(dtype)  # [B, T, D]
+  if cache is None:
+    mask = _mask(t, t, None, tree_mask)
+    slots = None
+  else:
+    mask = _mask(t, cache.size, lengths, tree_mask)
+    slots = lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
+
+  def layer(carry, i):
+    x, kbuf, vbuf = carry
+    w = _layer_weights(params, i)
+    h = nn.rms_norm(x, w["attn_norm"], config.norm_eps)
+    q = jnp.einsum("BTD,DNH->BTNH", h, w["wq"])
+    k = jnp.einsum("BTD,DKH->BTKH", h, w["wk"])
+    v = jnp.einsum("BTD,DKH->BTKH", h, w["wv"])
+    if config.qkv_bias:
+      q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
+    if config.qk_norm:
+      q = nn.rms_norm(q, w["q_norm"], config.norm_eps)
+      k = nn.rms_norm(k, w["k_norm"], config.norm_eps)
+    q = nn.apply_rope(q, positions, inv_freq, config.rope_layout)
+    k = nn.apply_rope(k, positions, inv_freq, config.rope_layout)
+    if kbuf is None:
+      keys, values = k, v
+    else:
+      kbuf = write_layer(kbuf, i, slots, k)
+      vbuf = write_layer(vbuf, i, slots, v)
+      keys, values = kbuf[i], vbuf[i]  # [B, S, K, H]
+    o = nn.attention(q, keys, values, mask)
+    x = x + jnp.einsum("BTNH,NHD->BTD", o, w["wo"])
+    h = nn.rms_norm(x, w["mlp_norm"], config.norm_eps)
+    x = x + nn.swiglu(h, w["w_gate"], w["w_up"], w["w_down"])
+    return (x, kbuf, vbuf), None
+
+  carry0 = (x, None, None) if cache is None else (x, cache.k, cache.v)
+  (x, kbuf, vbuf), _ = jax.lax.scan(layer, carry0, jnp.arange(n_run))
+
+  new_cache = None
+  if cache is not None:
+    new_cache = cache.replace(k=kbuf, v=vbuf, lengths=cache.lengths + t)
+  out_logits = head(params, config, x) if logits else jnp.zeros((b, t, 0), jnp.float32)
+  return Output(logits=out_logits, cache=new_cache, hidden=x)
+
+
+def head(params: Params, config: ModelConfig, x: jax.Array) -> jax.Array:
+  """Final norm and LM head: [B, T, D] -> float32 logits [B, T, V]."""
+  h = nn.rms_norm(x, params["final_norm"], config.norm_eps)
+  if config.tied_embeddings:
+    return jnp.einsum("BTD,VD->BTV", h, params["embed"], preferred_element_type=jnp.float32)
+  return jnp.einsum("BTD,DV->BTV", h, params["lm_head"], preferred_element_type=jnp.float32)
+
+
+def param_shapes(config: ModelConfig) -> dict[str, Any]:
+  """Shapes of every parameter (the template loaders fill and checks compare against)."""
+  c = config
+  L, D, N, K, H, F, V = (c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.hidden_dim,
+                         c.vocab_size)
+  lay = {
+      "attn_norm": (L, D), "wq": (L, D, N, H), "wk": (L, D, K, H), "wv": (L, D, K, H),
+      "wo": (L, N, H, D), "mlp_norm": (L, D), "w_gate": (L, D, F), "w_up": (L, D, F),
+      "w_down": (L, F, D),
+  }
+  if c.qkv_bias:
+    lay.update(bq=(L, N, H), bk=(L, K, H), bv=(L, K, H))
+  if c.qk_norm:
+    lay.update(q_norm=(L, H), k_norm=(L, H))
+  shapes = {"embed": (V, D), "layers": lay, "final_norm": (D,)}
+  if not c.tied_embeddings:
+    shapes["lm_head"] = (D, V)
+  return shapes
+
+
+def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.02) -> Params:
+  """Random parameters (tests, benchmarks of model shapes with no checkpoint)."""
+  shapes = param_shapes(config)
+  leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
+  keys = jax.random.split(key, len(leaves))
+  paths = [jax.tree_util.keystr(p) for p, _ in
+           jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda s: isinstance(s, tuple))[0]]
+  out = []
+  for path, shape, k in zip(paths, leaves, keys):
+    if "norm" in path:
+      out.append(jnp.ones(shape, dtype))
+    else:
+      out.append((scale * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
+  return jax.tree.unflatten(treedef, out)
+
+
+def check_params(params: Params, config: ModelConfig) -> None:
+  """Raises ValueError naming every parameter whose shape disagrees with the config."""
+  want = param_shapes(config)
+  flat_want = dict(jax.tree_util.tree_flatten_with_path(want, is_leaf=lambda s: isinstance(s, tuple))[0])
+  flat_have = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+  problems = []
+  for path, shape in flat_want.items():
+    if path not in flat_have:
+      problems.append(f"missing {jax.tree_util.keystr(path)} (expected {shape})")
+    elif tuple(flat_have[path].shape) != tuple(shape):
+      problems.append(f"{jax.tree_util.keystr(path)} has shape {tuple(flat_have[path].shape)}, "
+                      f"config expects {tuple(shape)}")
+  if problems:
+    raise ValueError("parameters do not match the model config: " + "; ".join(problems))

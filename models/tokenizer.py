@@ -1,0 +1,170 @@
+"""Tokenizers: SentencePiece (llama2.c tok512) and byte-level BPE (GGUF metadata / tokenizer.json).
+
+Every tokenizer has the same small surface: `encode(text) -> list[int]`, `decode(ids) -> str`,
+`eos_ids`, `bos_id`, `vocab_size` and `apply_chat_template(messages)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+
+def render_chat_template(template: str, messages: Sequence[dict[str, str]], *,
+                         add_generation_prompt: bool = True, **extra: Any) -> str:
+  """Renders a Hugging Face style Jinja chat template."""
+  import jinja2
+  from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+  for m in messages:
+    if not isinstance(m, dict) or "role" not in m or "content" not in m:
+      raise ValueError(f"each chat message must be a dict with 'role' and 'content', got {m!r}")
+
+  def raise_exception(msg):
+    raise jinja2.exceptions.TemplateError(msg)
+
+  env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+  env.globals["raise_exception"] = raise_exception
+  return env.from_string(template).render(
+      messages=list(messages), add_generation_prompt=add_generation_prompt, **extra)
+
+
+class Tokenizer:
+  """Base class; subclasses implement `_encode` and `decode`."""
+
+  bos_id: int | None
+  eos_ids: tuple[int, ...]
+  add_bos: bool
+  chat_template: str | None
+  special_tokens: dict[str, int]
+
+  @property
+  def vocab_size(self) -> int:
+    raise NotImplementedError
+
+  def _encode(self, text: str) -> list[int]:
+    raise NotImplementedError
+
+  def decode(self, ids: Sequence[int]) -> str:
+    raise NotImplementedError
+
+  def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
+    if not isinstance(text, str):
+      raise TypeError(f"encode expects a str, got {type(text).__name__}")
+    ids = self._encode(text)
+    if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+      ids = [self.bos_id] + ids
+    return ids
+
+  def apply_chat_template(self, messages: Sequence[dict[str, str]], *,
+                          add_generation_prompt: bool = True, tokenize: bool = False):
+    if not self.chat_template:
+      raise ValueError("this model's tokenizer has no chat template (it is a base model); "
+                       "pass plain text prompts instead of chat messages")
+    text = render_chat_template(self.chat_template, messages,
+                                add_generation_prompt=add_generation_prompt,
+                                **self._template_vars())
+    return self.encode(text, add_bos=False) if tokenize else text
+
+  def _template_vars(self) -> dict[str, Any]:
+    return {}
+
+
+class SentencePieceTokenizer(Tokenizer):
+  """A SentencePiece model file (llama2.c `tok512.model`, Llama 2 `tokenizer.model`)."""
+
+  def __init__(self, model_file: str, *, add_bos: bool = True, eos_ids: Sequence[int] | None = None):
+    import sentencepiece as spm
+
+    self._sp = spm.SentencePieceProcessor()
+    try:
+      self._sp.Load(str(model_file))
+    except (OSError, RuntimeError) as e:
+      raise ValueError(f"cannot read SentencePiece model {model_file}: {e}") from e
+    bos = self._sp.bos_id()
+    self.bos_id = bos if bos >= 0 else None
+    eos = self._sp.eos_id()
+    self.eos_ids = tuple(eos_ids) if eos_ids is not None else ((eos,) if eos >= 0 else ())
+    self.add_bos = add_bos
+    self.chat_template = None
+    self.special_tokens = {}
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.GetPieceSize()
+
+  def _encode(self, text: str) -> list[int]:
+    return list(self._sp.EncodeAsIds(text)) if text else []
+
+  def decode(self, ids: Sequence[int]) -> str:
+    ids = [int(i) for i in ids if int(i) not in (self.bos_id, *self.eos_ids)]
+    return self._sp.DecodeIds(ids)
+
+
+class HFTokenizer(Tokenizer):
+  """A `tokenizers.Tokenizer` (byte-level BPE and friends) with special-token metadata."""
+
+  def __init__(self, tok, *, bos_id: int | None, eos_ids: Sequence[int], add_bos: bool = False,
+               chat_template: str | None = None, special_tokens: dict[str, int] | None = None,
+               bos_token: str | None = None, eos_token: str | None = None):
+    self._tok = tok
+    self.bos_id = bos_id
+    self.eos_ids = tuple(eos_ids)
+    self.add_bos = add_bos
+    self.chat_template = chat_template
+    self.special_tokens = dict(special_tokens or {})
+    self._bos_token = bos_token
+    self._eos_token = eos_token
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tok.get_vocab_size(with_added_tokens=True)
+
+  def _encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+  def _template_vars(self) -> dict[str, Any]:
+    return {"bos_token": self._bos_token or "", "eos_token": self._eos_token or ""}
+
+  @classmethod
+  def from_bpe(cls, vocab: dict[str, int], merges: list[tuple[str, str]], *, split_digits: bool,
+               **kw) -> "HFTokenizer":
+    """GPT-2 style byte-level BPE from a vocabulary and merge list (as stored in GGUF files)."""
+    from tokenizers import AddedToken, Tokenizer as _Tok, decoders, models, pre_tokenizers
+
+    tok = _Tok(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    pre = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    if split_digits:
+      pre.insert(0, pre_tokenizers.Digits(individual_digits=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(pre)
+    tok.decoder = decoders.ByteLevel()
+    specials = kw.get("special_tokens") or {}
+    if specials:
+      tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    return cls(tok, **kw)
+
+
+@dataclasses.dataclass
+class ByteTokenizer(Tokenizer):
+  """Bytes as ids (offset by the special ids): for tests and random models with no vocabulary."""
+
+  vocab: int = 256 + 3
+  bos_id: int | None = 1
+  eos_ids: tuple[int, ...] = (2,)
+  add_bos: bool = True
+  chat_template: str | None = None
+  special_tokens: dict[str, int] = dataclasses.field(default_factory=dict)
+
+  @property
+  def vocab_size(self) -> int:
+    return self.vocab
+
+  def _encode(self, text: str) -> list[int]:
+    return [b + 3 for b in text.encode("utf-8")]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return bytes(int(i) - 3 for i in ids if 3 <= int(i) < 259).decode("utf-8", errors="replace")
