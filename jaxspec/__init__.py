@@ -1,1 +1,18 @@
-"""jaxspec."""
+"""jaxspec: accelerator-native speculative decoding for JAX.
+
+    import jaxspec
+    model = jaxspec.load_model("stories260K")
+    out = jaxspec.generate(model, ["Once upon a time"], drafter=jaxspec.drafters.NGram(k=4))
+"""
+
+from jaxspec.models import Model, ModelConfig
+from jaxspec.models.load import load as _load
+
+
+def load_model(source, *, dtype=None, mesh=None, progress: bool = True) -> Model:
+  """Loads a model from "stories260K", a llama2.c .bin, a .gguf, a Hugging Face checkpoint
+  directory or a jaxspec Orbax checkpoint directory (the format is detected from the path)."""
+  return _load(source, dtype=dtype, mesh=mesh, progress=progress)
+
+
+__all__ = ["Model", "ModelConfig", "load_model"]

@@ -1,0 +1,50 @@
+"""Test setup: 8 simulated CPU devices (set before jax is imported) and shared model fixtures."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "models"
+SMOLLM_GGUF = SHARED / "smollm2-135m-instruct-q4_1" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def pytest_configure(config):
+  assert jax.device_count() == 8, "tests expect 8 simulated host devices"
+
+
+@pytest.fixture(scope="session")
+def stories():
+  import jaxspec
+  return jaxspec.load_model("stories260K")
+
+
+@pytest.fixture(scope="session")
+def smollm():
+  import jaxspec
+  if not SMOLLM_GGUF.exists():
+    pytest.skip(f"SmolLM2 GGUF not found at {SMOLLM_GGUF}")
+  return jaxspec.load_model(str(SMOLLM_GGUF), progress=False)
+
+
+def tiny_config(**kw):
+  from jaxspec.models import ModelConfig
+  base = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=64,
+              max_seq_len=256)
+  base.update(kw)
+  return ModelConfig(**base)
+
+
+def tiny_model(seed=0, **kw):
+  """A small random model with a byte-free toy tokenizer (ids are the vocabulary)."""
+  import jax.numpy as jnp
+  from jaxspec.models import ByteTokenizer, Model, init_params
+  cfg = tiny_config(**kw)
+  params = init_params(cfg, jax.random.key(seed), jnp.float32, scale=0.5)
+  return Model(cfg, params, ByteTokenizer(vocab=cfg.vocab_size), name=f"tiny{seed}")
