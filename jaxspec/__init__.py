@@ -5,6 +5,8 @@
     out = jaxspec.generate(model, ["Once upon a time"], drafter=jaxspec.drafters.NGram(k=4))
 """
 
+from jaxspec import drafters
+from jaxspec.api import Result, Stats, generate, logits, stream
 from jaxspec.models import Model, ModelConfig
 from jaxspec.models.load import load as _load
 
@@ -15,4 +17,5 @@ def load_model(source, *, dtype=None, mesh=None, progress: bool = True) -> Model
   return _load(source, dtype=dtype, mesh=mesh, progress=progress)
 
 
-__all__ = ["Model", "ModelConfig", "load_model"]
+__all__ = ["Model", "ModelConfig", "Result", "Stats", "drafters", "generate", "load_model", "logits",
+           "stream"]

@@ -1,0 +1,8 @@
+"""Drafters: every one proposes k tokens per round inside the compiled loop."""
+
+from .base import DrafterSpec, NoDraft, Round
+from .draft_model import DraftModel
+from .early_exit import EarlyExit
+from .ngram import NGram
+
+__all__ = ["DraftModel", "DrafterSpec", "EarlyExit", "NGram", "NoDraft", "Round"]

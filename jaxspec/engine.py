@@ -1,0 +1,173 @@
+"""The compiled programs: `prefill` (prompt -> loop state) and `run` (the speculative loop).
+
+`run` is ONE jit-compiled program: a `lax.while_loop` over rounds. Each round the drafter
+proposes k tokens (`lax.scan` inside the drafter), the target verifies them in one forward of
+k + 1 positions, the accepted prefix plus the correction/bonus token is committed to the token
+buffer, and rejected entries are rolled back by rewinding the per-row cache lengths. Plain
+decoding is the same loop with `NoDraft` (k = 0).
+
+Every shape is fixed by `EngineSpec` (batch, prompt bucket, buffer length, k), so new prompts
+in the same bucket, a different `max_new_tokens` within the buffer, new sampling values or a
+new seed never recompile. Compiled executables are cached per spec and counted
+(`compile_count`), so tests can prove it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxspec import sampling, verify
+from jaxspec.drafters.base import DrafterSpec, Round
+from jaxspec.models import KVCache, ModelConfig, forward, head
+from jaxspec.sampling import SamplingParams
+
+MAX_STOP = 8  # stop-token slots per row (padded with -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSpec:
+  """Everything static about one compiled generation program."""
+
+  target: ModelConfig
+  drafter: DrafterSpec
+  batch: int
+  prompt_len: int  # prompt bucket
+  buf_len: int  # token buffer = KV cache slots
+
+  @property
+  def k(self) -> int:
+    return self.drafter.k
+
+
+@struct.dataclass
+class Stats:
+  target_calls: jax.Array  # [B] target forwards while the row was live (prefill included)
+  accept_hist: jax.Array  # [B, k + 1] rounds by number of accepted drafts
+  rounds: jax.Array  # [] loop iterations
+
+
+@struct.dataclass
+class State:
+  seq: jax.Array  # [B, buf] int32: prompt, then committed output
+  n: jax.Array  # [B] committed tokens (prompt included)
+  prompt_lens: jax.Array  # [B]
+  done: jax.Array  # [B] bool
+  cache: KVCache  # target cache; lengths == n - 1
+  dstate: Any  # drafter state
+  key: jax.Array
+  stats: Stats
+
+
+@struct.dataclass
+class Inputs:
+  """Per-call traced values: changing any of them never recompiles."""
+
+  sp: SamplingParams
+  max_new: jax.Array  # [] int32
+  stop: jax.Array  # [B, MAX_STOP] int32, -1 padded
+
+
+def _is_stop(tokens: jax.Array, stop: jax.Array) -> jax.Array:
+  """tokens [B, T], stop [B, S] -> [B, T] bool."""
+  return jnp.any(tokens[:, :, None] == stop[:, None, :], axis=-1)
+
+
+def _prefill(spec: EngineSpec, tparams, dparams, prompt, prompt_lens, live, inp: Inputs, key):
+  b, p = prompt.shape
+  dtype = tparams["embed"].dtype
+  cache = KVCache.init(spec.target, b, spec.buf_len, dtype)
+  out = forward(tparams, spec.target, prompt, cache, logits=False)
+  last_h = jnp.take_along_axis(out.hidden, (prompt_lens - 1)[:, None, None], axis=1)  # [B,1,D]
+  logits = head(tparams, spec.target, last_h)[:, 0]
+  key, k0 = jax.random.split(key)
+  first, _ = sampling.sample(k0, logits, spec.drafter.mode, inp.sp)
+  seq = jnp.zeros((b, spec.buf_len), jnp.int32).at[:, :p].set(prompt)
+  seq = seq.at[jnp.arange(b), prompt_lens].set(first)
+  done = ~live | _is_stop(first[:, None], inp.stop)[:, 0] | (inp.max_new <= 1)
+  dstate = spec.drafter.init(dparams, tparams, prompt, prompt_lens, spec.buf_len)
+  stats = Stats(target_calls=live.astype(jnp.int32),
+                accept_hist=jnp.zeros((b, spec.k + 1), jnp.int32),
+                rounds=jnp.zeros((), jnp.int32))
+  return State(seq=seq, n=prompt_lens + 1, prompt_lens=prompt_lens, done=done,
+               cache=out.cache.rewind(prompt_lens), dstate=dstate, key=key, stats=stats)
+
+
+def _round(spec: EngineSpec, tparams, dparams, inp: Inputs, s: State) -> State:
+  k = spec.k
+  b = s.seq.shape[0]
+  key, k_draft, k_verify = jax.random.split(s.key, 3)
+  r = Round(tparams=tparams, tcache=s.cache, seq=s.seq, n=s.n, key=k_draft, sp=inp.sp)
+  dstate, tcache, drafts, dprobs = spec.drafter.propose(dparams, s.dstate, r)
+
+  # Verify: the pending token plus k drafts, one target forward at positions n-1 .. n-1+k.
+  pending = jnp.take_along_axis(s.seq, (s.n - 1)[:, None], axis=1)  # [B, 1]
+  out = forward(tparams, spec.target, jnp.concatenate([pending, drafts], axis=1), tcache)
+  n_acc, emit = verify.chain(k_verify, drafts, dprobs, out.logits, spec.drafter.mode, inp.sp)
+
+  # Commit up to n_acc + 1 tokens, cut at max_new_tokens and at the first stop token.
+  live = ~s.done
+  count = jnp.minimum(n_acc + 1, inp.max_new - (s.n - s.prompt_lens))
+  j = jnp.arange(k + 1)[None, :]
+  stop_hit = _is_stop(emit, inp.stop) & (j < count[:, None])
+  has_stop = jnp.any(stop_hit, axis=1)
+  count = jnp.where(has_stop, jnp.argmax(stop_hit, axis=1) + 1, count)
+  count = jnp.where(live, count, 0)
+  idx = s.n[:, None] + j  # [B, k+1] buffer positions of the emitted tokens
+  old = jnp.take_along_axis(s.seq, jnp.clip(idx, 0, spec.buf_len - 1), axis=1)
+  rows = jnp.arange(b)[:, None]
+  seq = s.seq.at[rows, idx].set(jnp.where(j < count[:, None], emit, old), mode="drop")
+  n = s.n + count
+  done = s.done | has_stop | (n - s.prompt_lens >= inp.max_new)
+  cache = out.cache.rewind(n - 1)
+  dstate = spec.drafter.commit(dparams, dstate, r, n)
+
+  hist = s.stats.accept_hist + (jax.nn.one_hot(n_acc, k + 1, dtype=jnp.int32) *
+                                live[:, None].astype(jnp.int32))
+  stats = Stats(target_calls=s.stats.target_calls + live.astype(jnp.int32), accept_hist=hist,
+                rounds=s.stats.rounds + 1)
+  return s.replace(seq=seq, n=n, done=done, cache=cache, dstate=dstate, key=key, stats=stats)
+
+
+def _run(spec: EngineSpec, tparams, dparams, inp: Inputs, state: State, max_rounds) -> State:
+  start = state.stats.rounds
+
+  def cond(s):
+    return jnp.any(~s.done) & (s.stats.rounds - start < max_rounds)
+
+  return jax.lax.while_loop(cond, functools.partial(_round, spec, tparams, dparams, inp), state)
+
+
+_prefill_jit = jax.jit(_prefill, static_argnums=0)
+_run_jit = jax.jit(_run, static_argnums=0, donate_argnums=4)
+
+_COMPILED: dict = {}
+compile_count = 0  # executables built by this process (tests assert it does not grow)
+
+
+def _signature(args) -> tuple:
+  return tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(args))
+
+
+def compiled(name: str, spec: EngineSpec, *args):
+  """Returns (executable, compile seconds; 0.0 when it came from the cache)."""
+  global compile_count
+  fn = {"prefill": _prefill_jit, "run": _run_jit}[name]
+  key = (name, spec, jax.tree.structure(args), _signature(args))
+  if key in _COMPILED:
+    return _COMPILED[key], 0.0
+  t0 = time.perf_counter()
+  exe = fn.lower(spec, *args).compile()
+  _COMPILED[key] = exe
+  compile_count += 1
+  return exe, time.perf_counter() - t0
+
+
+def clear_cache() -> None:
+  _COMPILED.clear()
