@@ -77,6 +77,7 @@ class SentencePieceTokenizer(Tokenizer):
   def __init__(self, model_file: str, *, add_bos: bool = True, eos_ids: Sequence[int] | None = None):
     import sentencepiece as spm
 
+    self.model_file = str(model_file)
     self._sp = spm.SentencePieceProcessor()
     try:
       self._sp.Load(str(model_file))
