@@ -9,6 +9,7 @@ from jaxspec import drafters
 from jaxspec.api import Result, Stats, generate, logits, stream
 from jaxspec.models import Model, ModelConfig
 from jaxspec.models.load import load as _load
+from jaxspec.checkpoint import save as save_checkpoint
 
 
 def load_model(source, *, dtype=None, mesh=None, progress: bool = True) -> Model:
@@ -18,4 +19,4 @@ def load_model(source, *, dtype=None, mesh=None, progress: bool = True) -> Model
 
 
 __all__ = ["Model", "ModelConfig", "Result", "Stats", "drafters", "generate", "load_model", "logits",
-           "stream"]
+           "save_checkpoint", "stream"]
