@@ -1,0 +1,226 @@
+"""`jaxspec bench`: plain decoding and every drafter side by side, on Spec-Bench prompts.
+
+Spec-Bench protocol: greedy, batch size 1, first turn of each question; speedup = mean per-prompt
+tokens/s of a method over plain decoding on the same model and machine; tau = tokens per target
+forward (bonus token included; plain decoding = 1.00). All methods run in one process, prompt
+by prompt, after a warm-up that compiles every program, so compile time is reported apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from importlib import resources
+
+DEFAULT_OUT = "docs/benchmarks.md"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--model", default="stories260K")
+  p.add_argument("--prompts", default=None,
+                 help="Spec-Bench style JSONL (default: the bundled Spec-Bench question set)")
+  p.add_argument("--limit", type=int, default=2, help="prompts per category (default 2)")
+  p.add_argument("--categories", default=None, help="comma-separated subset of categories")
+  p.add_argument("--drafters", default=None,
+                 help="comma-separated: ngram[:N], early-exit:L, draft:SRC (default: ngram and "
+                      "early exit at 3/4 and all-but-one of the layers)")
+  p.add_argument("--k", type=int, default=4)
+  p.add_argument("--max-new-tokens", type=int, default=128)
+  p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+  p.add_argument("--out", default=DEFAULT_OUT, help="markdown report to update ('-' = stdout only)")
+  p.add_argument("--plot", default=None, help="PNG plot path (default: next to --out)")
+
+
+def load_prompts(path: str | None, limit: int, categories: str | None) -> list[dict]:
+  if path is None:
+    path = str(resources.files("jaxspec") / "_data" / "spec_bench" / "question.jsonl")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"prompt file not found: {path}")
+  want = None if not categories else set(categories.split(","))
+  per_cat: dict[str, list[dict]] = collections.defaultdict(list)
+  with open(path) as f:
+    for line_no, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        q = json.loads(line)
+        text = q["turns"][0] if "turns" in q else q["prompt"]
+      except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
+        raise ValueError(f"{path}:{line_no}: not a Spec-Bench prompt line ({e})") from None
+      cat = q.get("category", "all")
+      # Spec-Bench groups the 80 MT-bench questions (8 categories) as one task.
+      task = "mt_bench" if len(q.get("turns", ())) > 1 else cat
+      if want and task not in want and cat not in want:
+        continue
+      if len(per_cat[task]) < limit:
+        per_cat[task].append({"category": task, "text": text})
+  return [p for cat in per_cat for p in per_cat[cat]]
+
+
+def default_drafters(n_layers: int) -> list[str]:
+  out = ["ngram"]
+  for l in sorted({max(1, (3 * n_layers) // 4), n_layers - 1}):
+    if 1 <= l < n_layers:
+      out.append(f"early-exit:{l}")
+  return out
+
+
+def run(model, prompts: list[dict], methods: list[tuple[str, object]], *, max_new_tokens: int,
+        chat: bool, progress: bool = True) -> dict:
+  """Returns {method: {"rows": [...], "compile_s": float}}; each row has category, tokens,
+  target_calls, seconds."""
+  import jaxspec
+  from tqdm.auto import tqdm
+
+  def encode(p):
+    if chat:
+      return model.tokenizer.apply_chat_template([{"role": "user", "content": p["text"]}],
+                                                 tokenize=True)
+    return model.tokenizer.encode(p["text"])
+
+  ids = [encode(p) for p in prompts]
+  room = model.config.max_seq_len - max_new_tokens
+  ids = [x[-room:] for x in ids]  # keep the prompt's tail when it would not fit the context
+  results = {}
+  bar = tqdm(total=len(methods) * len(prompts), desc="bench", unit="run", disable=not progress)
+  for name, drafter in methods:
+    compile_s = 0.0
+    rows = []
+    for p, x in zip(prompts, ids):
+      out = jaxspec.generate(model, [x], drafter=drafter, max_new_tokens=max_new_tokens)
+      if out.stats.compile_s > 0:  # first prompt of a bucket: time again, compiled
+        compile_s += out.stats.compile_s
+        out = jaxspec.generate(model, [x], drafter=drafter, max_new_tokens=max_new_tokens)
+      rows.append({"category": p["category"], "tokens": out.stats.new_tokens,
+                   "target_calls": out.stats.target_calls, "seconds": out.stats.run_s,
+                   "output": out.tokens[0]})
+      bar.set_postfix_str(f"{name} {out.stats.tokens_per_s:.0f} tok/s tau "
+                          f"{out.stats.mean_accepted:.2f}")
+      bar.update(1)
+    results[name] = {"rows": rows, "compile_s": compile_s}
+  bar.close()
+  return results
+
+
+def summarize(results: dict) -> tuple[list[str], dict]:
+  """Per method and category: tau, mean tokens/s, speedup over plain (Spec-Bench definitions)."""
+  plain = results["plain"]["rows"]
+  cats = list(dict.fromkeys(r["category"] for r in plain)) + ["overall"]
+  table = {}
+  for name, res in results.items():
+    table[name] = {}
+    for cat in cats:
+      rows = [r for r in res["rows"] if cat == "overall" or r["category"] == cat]
+      base = [r for r in plain if cat == "overall" or r["category"] == cat]
+      tps = [r["tokens"] / r["seconds"] for r in rows]
+      base_tps = [r["tokens"] / r["seconds"] for r in base]
+      tau = sum(r["tokens"] for r in rows) / max(1, sum(r["target_calls"] for r in rows))
+      mean_tps = sum(tps) / len(tps)
+      table[name][cat] = {"tau": tau, "tps": mean_tps,
+                          "speedup": mean_tps / (sum(base_tps) / len(base_tps))}
+  return cats, table
+
+
+def same_outputs(results: dict) -> bool:
+  plain = [r["output"] for r in results["plain"]["rows"]]
+  return all([r["output"] for r in res["rows"]] == plain for res in results.values())
+
+
+def markdown(model_name: str, command: str, cats: list[str], table: dict, results: dict,
+             settings: str) -> str:
+  import jax
+
+  dev = jax.devices()[0]
+  lines = [f"## {model_name}", "",
+           f"Command: `{command}`", "",
+           f"Machine: {dev.platform} ({getattr(dev, 'device_kind', '')}), "
+           f"{os.cpu_count()} host cores, {platform.machine()}; {settings}.", "",
+           "Greedy outputs identical to plain decoding for every method: "
+           f"**{'yes' if same_outputs(results) else 'NO'}**.", "",
+           "| method | compile s | " + " | ".join(cats) + " |",
+           "|---|---|" + "---|" * len(cats)]
+  for name, per in table.items():
+    cells = [f"{per[c]['tau']:.2f} / {per[c]['speedup']:.2f}x" for c in cats]
+    lines.append(f"| {name} | {results[name]['compile_s']:.1f} | " + " | ".join(cells) + " |")
+  lines += ["", "Cells: tau (tokens per target forward) / speedup over plain decoding. "
+            "Plain decoding tokens/s: " + ", ".join(
+                f"{c} {table['plain'][c]['tps']:.1f}" for c in cats) + ".", ""]
+  return "\n".join(lines)
+
+
+def update_report(path: str, model_name: str, section: str) -> None:
+  """Replaces this model's section in the report (or appends it), keeping the others."""
+  begin, end = f"<!-- bench:{model_name} -->", f"<!-- /bench:{model_name} -->"
+  block = f"{begin}\n{section}\n{end}"
+  text = open(path).read() if os.path.exists(path) else (
+      "# Benchmarks\n\nMade by `jaxspec bench`; every section names the command that made it.\n")
+  if begin in text and end in text:
+    pre, rest = text.split(begin, 1)
+    text = pre + block + rest.split(end, 1)[1]
+  else:
+    text = text.rstrip("\n") + "\n\n" + block + "\n"
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    f.write(text)
+
+
+def plot(path: str, model_name: str, cats: list[str], table: dict) -> bool:
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    return False
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+  width = 0.8 / len(table)
+  for i, (name, per) in enumerate(table.items()):
+    xs = [j + i * width for j in range(len(cats))]
+    axes[0].bar(xs, [per[c]["tau"] for c in cats], width, label=name)
+    axes[1].bar(xs, [per[c]["speedup"] for c in cats], width, label=name)
+  for ax, title in zip(axes, ["tau (tokens / target forward)", "speedup over plain"]):
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cats))], cats, rotation=30, ha="right")
+    ax.set_title(f"{model_name}: {title}")
+    ax.axhline(1.0, color="gray", lw=0.8)
+  axes[0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True
+
+
+def main(a) -> int:
+  import jaxspec
+  from jaxspec.cli import parse_drafter
+
+  model = jaxspec.load_model(a.model)
+  if model.tokenizer is None:
+    raise ValueError(f"{a.model}: bench needs a model with a tokenizer")
+  prompts = load_prompts(a.prompts, a.limit, a.categories)
+  if not prompts:
+    raise ValueError("no prompts selected")
+  names = a.drafters.split(",") if a.drafters else default_drafters(model.config.n_layers)
+  methods = [("plain", None)] + [(f"{n} k={a.k}", parse_drafter(n, a.k)) for n in names]
+  t0 = time.perf_counter()
+  results = run(model, prompts, methods, max_new_tokens=a.max_new_tokens, chat=a.chat)
+  cats, table = summarize(results)
+  command = "jaxspec " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+  settings = (f"{len(prompts)} prompts ({a.limit} per category), greedy, batch 1, "
+              f"max_new_tokens={a.max_new_tokens}, k={a.k}, {time.perf_counter() - t0:.0f} s total")
+  md = markdown(model.name, command, cats, table, results, settings)
+  print(md)
+  if a.out != "-":
+    png = a.plot or os.path.join(os.path.dirname(os.path.abspath(a.out)),
+                                 f"bench_{model.name.replace('.', '_')}.png")
+    if plot(png, model.name, cats, table):
+      md += f"\n![{model.name}]({os.path.relpath(png, os.path.dirname(os.path.abspath(a.out)))})\n"
+    update_report(a.out, model.name, md)
+  if not same_outputs(results):
+    print("jaxspec bench: speculative output differs from plain decoding", file=sys.stderr)
+    return 1
+  return 0

@@ -1,0 +1,176 @@
+"""Plain decoding through `jaxspec.generate`: golden parity, ragged batches, buckets, sampling."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxspec
+from jaxspec import engine, sampling
+
+from conftest import SHARED
+
+
+def golden_cases(name):
+  data = json.loads((SHARED / name / "golden_greedy.json").read_text())
+  return [c for c in data["cases"] if c["min_top2_logit_margin"] > 0.001]
+
+
+@pytest.mark.parametrize("case", golden_cases("stories260K"), ids=lambda c: repr(c["prompt"][:12]))
+def test_golden_stories(stories, case):
+  want = case["output_ids"][len(case["prompt_ids"]):]
+  assert stories.tokenizer.encode(case["prompt"]) == case["prompt_ids"]
+  out = jaxspec.generate(stories, [case["prompt"]], max_new_tokens=len(want), stop_tokens=())
+  assert out.tokens[0] == want
+  assert out.stats.mean_accepted == 1.0
+  assert out.stats.target_calls == len(want)
+
+
+def test_golden_smollm(smollm):
+  cases = golden_cases("smollm2-135m-instruct-q4_1")
+  assert all(c["min_top2_logit_margin"] > 0.01 for c in cases)
+  n = max(len(c["output_ids"]) - len(c["prompt_ids"]) for c in cases)
+  out = jaxspec.generate(smollm, [c["prompt"] for c in cases], max_new_tokens=n, stop_tokens=())
+  for c, toks in zip(cases, out.tokens):
+    want = c["output_ids"][len(c["prompt_ids"]):]
+    assert toks[:len(want)] == want
+  assert out.texts[0].startswith(", the city of Nova Haven")
+
+
+PROMPTS = ["Once upon a time", "Tom and his dog went to the", "The little bird",
+           "Lily wanted to play with her friend in the big park"]
+
+
+def test_ragged_batch_equals_rows_alone(stories):
+  batch = jaxspec.generate(stories, PROMPTS, max_new_tokens=24, stop_tokens=())
+  for p, toks in zip(PROMPTS, batch.tokens):
+    alone = jaxspec.generate(stories, [p], max_new_tokens=24, stop_tokens=())
+    assert alone.tokens[0] == toks
+  assert [len(t) for t in batch.tokens] == [24] * 4
+
+
+def test_no_recompile_within_bucket(stories):
+  jaxspec.generate(stories, ["Once upon a time"], max_new_tokens=20)
+  jaxspec.generate(stories, ["Once upon a time"], max_new_tokens=20, temperature=1.0, top_p=0.5)
+  events = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda name, *a, **k: events.append(name) if "backend_compile" in name else None)
+  before = engine.compile_count
+  # Another prompt length in the same bucket, other max_new_tokens, seed and sampling values.
+  a = jaxspec.generate(stories, ["The cat sat on a big red mat and"], max_new_tokens=17)
+  b = jaxspec.generate(stories, ["A dog"], max_new_tokens=9, temperature=0.5, top_p=0.9, seed=4)
+  assert engine.compile_count == before
+  assert a.stats.compile_s == 0.0 and b.stats.compile_s == 0.0
+  assert events == []
+
+
+def test_stop_tokens_and_exact_max_new(stories):
+  out = jaxspec.generate(stories, PROMPTS, max_new_tokens=64, stop_tokens=())
+  assert [len(t) for t in out.tokens] == [64] * 4
+  # Per-row stop tokens: stop each row at the first occurrence of a token it really produces.
+  stops = [[t[10]] for t in out.tokens]
+  cut = jaxspec.generate(stories, PROMPTS, max_new_tokens=64, stop_tokens=stops)
+  for full, short, s in zip(out.tokens, cut.tokens, stops):
+    first = full.index(s[0])
+    assert short == full[:first + 1]
+
+
+def test_default_stop_is_eos(stories):
+  full = jaxspec.generate(stories, ["The little bird"], max_new_tokens=400, stop_tokens=())
+  eos = stories.tokenizer.eos_ids
+  first = next(i for i, t in enumerate(full.tokens[0]) if t in eos)  # the story ends (~230)
+  out = jaxspec.generate(stories, ["The little bird"], max_new_tokens=400)
+  assert out.tokens[0] == full.tokens[0][:first + 1]
+
+
+def test_sampling_reproducible(stories):
+  kw = dict(max_new_tokens=20, temperature=1.0, top_k=50, top_p=0.95)
+  a = jaxspec.generate(stories, PROMPTS, seed=1, **kw)
+  b = jaxspec.generate(stories, PROMPTS, seed=1, **kw)
+  c = jaxspec.generate(stories, PROMPTS, seed=2, **kw)
+  assert a.tokens == b.tokens
+  assert a.tokens != c.tokens
+
+
+def np_warp(logits, temperature, top_k, top_p):
+  """Reference in numpy, written from the HF warper definitions (temperature, top-k, top-p)."""
+  x = logits.astype(np.float64) / temperature
+  if top_k is not None:
+    kth = np.sort(x)[::-1][top_k - 1]
+    x = np.where(x < kth, -np.inf, x)
+  if top_p is not None:
+    order = np.argsort(x)  # ascending, as HF does
+    p = np.exp(x[order] - x[order].max())
+    p /= p.sum()
+    remove = np.cumsum(p) <= 1 - top_p
+    remove[-1] = False
+    x = x.copy()
+    x[order[remove]] = -np.inf
+  p = np.exp(x - x.max())
+  return p / p.sum()
+
+
+@pytest.mark.parametrize("t,k,p", [(1.0, None, None), (0.7, 5, None), (1.3, None, 0.8),
+                                   (0.9, 20, 0.6), (2.0, 1, None), (1.0, None, 0.05)])
+def test_warp_matches_numpy(t, k, p):
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(6, 64)).astype(np.float32) * 3
+  mode, sp = sampling.make(t, k, p)
+  got = np.asarray(sampling.probs(jnp.asarray(logits), mode, sp))
+  want = np.stack([np_warp(l, t, k, p) for l in logits])
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_sampling_frequencies_match_warped_target():
+  """Direct draws follow the warped distribution (200k draws, chi-square)."""
+  from scipy import stats
+  logits = jnp.asarray([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+  mode, sp = sampling.make(0.8, 4, 0.9)
+  p = np.asarray(sampling.probs(logits, mode, sp))
+  toks, _ = sampling.sample(jax.random.key(0), jnp.broadcast_to(logits, (200_000, 6)), mode, sp)
+  counts = np.bincount(np.asarray(toks), minlength=6)
+  assert counts[p == 0].sum() == 0
+  keep = p > 0
+  assert stats.chisquare(counts[keep], p[keep] * counts.sum()).pvalue > 1e-4
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(prompts=[]), "empty"),
+    (dict(prompts=[[]]), "empty"),
+    (dict(prompts="hello"), "list"),
+    (dict(prompts=[[1, 99999]]), "outside the vocabulary"),
+    (dict(prompts=[[1] * 600]), "longer than the model's context"),
+    (dict(prompts=[[1] * 400], max_new_tokens=200), "exceeds the model's context"),
+    (dict(prompts=["hi"], temperature=-0.5), "temperature"),
+    (dict(prompts=["hi"], temperature=float("nan")), "temperature"),
+    (dict(prompts=["hi"], temperature=1.0, top_p=0.0), "top_p"),
+    (dict(prompts=["hi"], temperature=1.0, top_p=1.5), "top_p"),
+    (dict(prompts=["hi"], temperature=1.0, top_k=0), "top_k"),
+    (dict(prompts=["hi"], max_new_tokens=0), "max_new_tokens"),
+    (dict(prompts=["hi"], stop_tokens=[10**6]), "stop token"),
+])
+def test_bad_input(stories, kwargs, match):
+  prompts = kwargs.pop("prompts")
+  with pytest.raises((ValueError, TypeError), match=match):
+    jaxspec.generate(stories, prompts, **kwargs)
+
+
+def test_logits_api(stories):
+  ids = [[1, 403, 407, 261, 378], [1, 403, 407, 261, 300]]
+  lg = jaxspec.logits(stories, ids)
+  assert lg.shape == (2, 5, 512) and lg.dtype == jnp.float32
+  assert int(lg[0, -1].argmax()) == 432  # golden: "," follows "Once upon a time"
+  with pytest.raises(ValueError, match="equal lengths"):
+    jaxspec.logits(stories, [[1, 2], [1]])
+
+
+def test_stream_matches_generate_without_recompiling(stories):
+  full = jaxspec.generate(stories, ["Once upon a time"], max_new_tokens=30, stop_tokens=())
+  pieces = list(jaxspec.stream(stories, "Once upon a time", max_new_tokens=30, stop_tokens=()))
+  assert len(pieces) > 1
+  assert "".join(pieces) == full.texts[0]
+  before = engine.compile_count
+  again = list(jaxspec.stream(stories, "The little bird", max_new_tokens=30, stop_tokens=()))
+  assert engine.compile_count == before and len(again) > 1
