@@ -73,7 +73,7 @@ def _rope(cfg: dict[str, Any], path: str) -> tuple[float, RopeScaling | None]:
   rp = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
   if not isinstance(rp, dict):
     raise ValueError(f"{path}: rope parameters must be a JSON object, got {rp!r}")
-  kind = rp.get("rope_type", rp.get("type", "default"))
+  kind = rp.get("rope_type") or rp.get("type") or "default"
   if kind not in ROPE_TYPES:
     raise ValueError(f"{path}: RoPE type {kind!r} is not supported (supported: "
                      f"{', '.join(ROPE_TYPES)})")

@@ -1,0 +1,401 @@
+"""Hugging Face checkpoints: parity with transformers (logits and cached greedy decoding),
+safetensors details (bf16, sharded indexes), tokenizer files, and clear errors.
+
+Every model is a tiny random transformers model saved with `save_pretrained` (no network).
+"""
+
+import copy
+import json
+import os
+import shutil
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import jaxspec  # noqa: E402
+from jaxspec import models  # noqa: E402
+from jaxspec.models import hf  # noqa: E402
+
+FWD = jax.jit(models.forward, static_argnums=(1,))
+V = 320  # room for the 300-token BPE of the tokenizer tests
+PROMPT, NEW = 8, 20
+
+LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+              original_max_position_embeddings=64)
+CASES = {
+    # GQA, untied head, Llama 3 RoPE scaling, head_dim 16 != hidden 32 / 4 heads.
+    "llama-gqa-llama3-untied": ("LlamaConfig", "LlamaForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
+        rope_scaling=LLAMA3, rope_theta=10000.0)),
+    # MHA, tied embeddings, a small rope_theta.
+    "llama-mha-tied": ("LlamaConfig", "LlamaForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True, rope_theta=500.0)),
+    "qwen2-bias": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True)),
+    "qwen3-qknorm": ("Qwen3Config", "Qwen3ForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile():
+  """Compile-bound tests: turn most XLA optimizations off."""
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
+
+
+def build_hf(case: str, seed: int = 0):
+  """A random float32 transformers model; weights scaled up so logits are well separated."""
+  cfg_cls, model_cls, kw = CASES[case]
+  cfg = getattr(transformers, cfg_cls)(
+      vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+      max_position_embeddings=128, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, **kw)
+  cfg._attn_implementation = "eager"
+  torch.manual_seed(seed)
+  m = getattr(transformers, model_cls)(cfg).eval()
+  with torch.no_grad():
+    for name, p in m.named_parameters():
+      p.copy_(torch.randn_like(p) * (0.1 if "norm" in name else 0.25) + ("norm" in name))
+  m.generation_config.eos_token_id = None  # generate exactly NEW tokens
+  m.generation_config.pad_token_id = 0
+  return m
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, tmp_path_factory):
+  """(name, transformers model, saved checkpoint dir, jaxspec model)."""
+  m = build_hf(request.param)
+  d = tmp_path_factory.mktemp(request.param)
+  m.save_pretrained(d)
+  return request.param, m, str(d), jaxspec.load_model(str(d), progress=False)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+  """A saved Llama checkpoint to copy and damage in the error tests."""
+  d = tmp_path_factory.mktemp("llama")
+  build_hf("llama-gqa-llama3-untied").save_pretrained(d)
+  return str(d)
+
+
+def _copy(src, tmp_path):
+  dst = tmp_path / "ckpt"
+  shutil.copytree(src, dst)
+  return dst
+
+
+def _ids(b, t, seed=0):
+  return np.random.default_rng(seed).integers(3, V, size=(b, t)).astype(np.int32)
+
+
+# ------------------------------------------------------------------------------------- parity
+
+
+def test_config(case):
+  name, m, _, model = case
+  c, hc = model.config, m.config
+  assert (c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size) == (
+      hc.hidden_size, hc.num_hidden_layers, hc.num_attention_heads, hc.num_key_value_heads, V)
+  assert c.rope_layout == "half" and c.tied_embeddings == hc.tie_word_embeddings
+  assert c.qkv_bias == name.startswith("qwen2") and c.qk_norm == name.startswith("qwen3")
+  assert c.head_dim == (16 if name in ("llama-gqa-llama3-untied", "qwen3-qknorm") else 8)
+  assert (c.rope_scaling is not None) == (name == "llama-gqa-llama3-untied")
+  assert model.dtype == jnp.float32 and model.tokenizer is None
+  hash(c)  # a static jit argument
+
+
+def test_logits_match_transformers(case):
+  _, m, _, model = case
+  ids = _ids(2, 12)
+  with torch.no_grad():
+    want = m(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+  got = np.asarray(FWD(model.params, model.config, jnp.asarray(ids)).logits)
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def greedy(model, prompt, n):
+  """n greedy tokens: prefill the prompt into a KV cache, then one token per step."""
+  b, t = prompt.shape
+  cache = models.KVCache.init(model.config, b, t + n, model.dtype)
+  out = FWD(model.params, model.config, jnp.asarray(prompt), cache)
+  toks = [jnp.argmax(out.logits[:, -1], axis=-1)]
+  for _ in range(n - 1):
+    out = FWD(model.params, model.config, toks[-1][:, None], out.cache)
+    toks.append(jnp.argmax(out.logits[:, -1], axis=-1))
+  return np.stack([np.asarray(x) for x in toks], axis=1)
+
+
+def test_cached_greedy_matches_generate(case):
+  _, m, _, model = case
+  prompt = _ids(2, PROMPT, seed=1)
+  with torch.no_grad():
+    want = m.generate(torch.tensor(prompt, dtype=torch.long),
+                      attention_mask=torch.ones(prompt.shape, dtype=torch.long),
+                      do_sample=False, max_new_tokens=NEW)[:, PROMPT:].numpy()
+  got = greedy(model, prompt, NEW)
+  assert want.shape == (2, NEW)
+  np.testing.assert_array_equal(got, want)
+
+
+# -------------------------------------------------------------------------------- safetensors
+
+
+def test_bfloat16_checkpoint(tmp_path):
+  m = copy.deepcopy(build_hf("qwen3-qknorm")).to(torch.bfloat16)
+  m.save_pretrained(tmp_path)
+  with open(tmp_path / "config.json") as f:
+    cfg = json.load(f)
+  assert (cfg.get("dtype") or cfg.get("torch_dtype")) == "bfloat16"
+  model = jaxspec.load_model(str(tmp_path), progress=False)
+  assert model.dtype == jnp.bfloat16  # the checkpoint's own dtype by default
+  sd = {k: v.float().numpy() for k, v in m.state_dict().items()}
+  np.testing.assert_array_equal(np.asarray(model.params["embed"], np.float32),
+                                sd["model.embed_tokens.weight"])
+  wq = sd["model.layers.1.self_attn.q_proj.weight"].T.reshape(32, 4, 16)
+  np.testing.assert_array_equal(np.asarray(model.params["layers"]["wq"][1], np.float32), wq)
+  np.testing.assert_array_equal(np.asarray(model.params["layers"]["k_norm"][0], np.float32),
+                                sd["model.layers.0.self_attn.k_norm.weight"])
+  as32 = jaxspec.load_model(str(tmp_path), dtype="float32", progress=False)
+  assert as32.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(as32.params["lm_head"]), sd["lm_head.weight"].T)
+
+
+@pytest.fixture(scope="module")
+def sharded_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("sharded")
+  build_hf("llama-gqa-llama3-untied").save_pretrained(d, max_shard_size="40KB")
+  return str(d)
+
+
+def test_sharded_index_loads_identically(sharded_dir, llama_dir):
+  shards = [f for f in os.listdir(sharded_dir) if f.endswith(".safetensors")]
+  assert len(shards) > 1 and os.path.exists(os.path.join(sharded_dir,
+                                                         "model.safetensors.index.json"))
+  a = jaxspec.load_model(sharded_dir, progress=False)
+  b = jaxspec.load_model(llama_dir, progress=False)
+  assert a.config == b.config
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_progress_bar(llama_dir, capsys):
+  jaxspec.load_model(llama_dir, progress=True)
+  assert "tensor" in capsys.readouterr().err
+  jaxspec.load_model(llama_dir, progress=False)
+  assert capsys.readouterr().err == ""
+
+
+# ------------------------------------------------------------------------------------- errors
+
+
+def _edit_config(d, **kw):
+  with open(d / "config.json") as f:
+    cfg = json.load(f)
+  cfg.update(kw)
+  with open(d / "config.json", "w") as f:
+    json.dump(cfg, f)
+
+
+def test_truncated_safetensors(llama_dir, tmp_path):
+  d = _copy(llama_dir, tmp_path)
+  f = d / "model.safetensors"
+  data = f.read_bytes()
+  f.write_bytes(data[: len(data) // 2])
+  with pytest.raises(ValueError, match=r"model\.safetensors: truncated safetensors file"):
+    jaxspec.load_model(str(d), progress=False)
+  f.write_bytes(data[:5])
+  with pytest.raises(ValueError, match="truncated safetensors file"):
+    jaxspec.load_model(str(d), progress=False)
+
+
+def test_corrupt_safetensors_header(llama_dir, tmp_path):
+  d = _copy(llama_dir, tmp_path)
+  f = d / "model.safetensors"
+  data = bytearray(f.read_bytes())
+  data[8:24] = b"\x00garbage{{{{{{{{"
+  f.write_bytes(bytes(data))
+  with pytest.raises(ValueError, match=r"model\.safetensors: corrupt safetensors header"):
+    jaxspec.load_model(str(d), progress=False)
+  data[:8] = (10**12).to_bytes(8, "little")  # header length past the end of the file
+  f.write_bytes(bytes(data))
+  with pytest.raises(ValueError, match="truncated or corrupt safetensors file"):
+    jaxspec.load_model(str(d), progress=False)
+
+
+def test_missing_shard(sharded_dir, tmp_path):
+  d = _copy(sharded_dir, tmp_path)
+  shard = sorted(f for f in os.listdir(d) if f.endswith(".safetensors"))[-1]
+  os.remove(d / shard)
+  with pytest.raises(FileNotFoundError, match=f"lists shard '{shard}'.*does not exist"):
+    jaxspec.load_model(str(d), progress=False)
+
+
+def test_missing_tensor(llama_dir, tmp_path):
+  from safetensors.numpy import load_file, save_file
+  d = _copy(llama_dir, tmp_path)
+  tensors = load_file(d / "model.safetensors")
+  del tensors["model.layers.1.mlp.up_proj.weight"]
+  save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+  with pytest.raises(ValueError, match=r"no tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
+    jaxspec.load_model(str(d), progress=False)
+
+
+def test_no_weights(llama_dir, tmp_path):
+  d = _copy(llama_dir, tmp_path)
+  os.remove(d / "model.safetensors")
+  with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+    jaxspec.load_model(str(d), progress=False)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (dict(intermediate_size=48), r"'model\.layers\.0\.mlp\.gate_proj\.weight' has shape \(64, 32\)"
+                                 r" but config\.json implies \(48, 32\)"),
+    (dict(num_key_value_heads=4), r"k_proj\.weight' has shape .* config and weights do not match"),
+    (dict(vocab_size=300), "embed_tokens.weight' has shape"),
+    (dict(num_hidden_layers=1), "more than num_hidden_layers=1 layers"),
+])
+def test_config_weight_mismatch(llama_dir, tmp_path, edit, match):
+  d = _copy(llama_dir, tmp_path)
+  _edit_config(d, **edit)
+  with pytest.raises(ValueError, match=match):
+    jaxspec.load_model(str(d), progress=False)
+
+
+def test_unknown_architecture(llama_dir, tmp_path):
+  d = _copy(llama_dir, tmp_path)
+  _edit_config(d, architectures=["GPT2LMHeadModel"], model_type="gpt2")
+  with pytest.raises(ValueError, match=r"GPT2LMHeadModel is not supported \(supported: "
+                                       r"LlamaForCausalLM, Qwen2ForCausalLM"):
+    jaxspec.load_model(str(d), progress=False)
+
+
+def test_unsupported_rope_type(llama_dir, tmp_path):
+  d = _copy(llama_dir, tmp_path)
+  _edit_config(d, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4})
+  with pytest.raises(ValueError, match=r"RoPE type 'yarn' is not supported \(supported: "
+                                       r"default, llama3\)"):
+    jaxspec.load_model(str(d), progress=False)
+
+
+def test_sliding_window_caps_max_seq_len():
+  base = dict(architectures=["MistralForCausalLM"], hidden_size=32, intermediate_size=64,
+              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              vocab_size=V, max_position_embeddings=128)
+  with pytest.warns(UserWarning, match="sliding_window=16 .* capped at 16"):
+    c = hf.read_config(dict(base, sliding_window=16))
+  assert c.max_seq_len == 16
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert hf.read_config(dict(base, sliding_window=None)).max_seq_len == 128
+    assert hf.read_config(dict(base, sliding_window=4096)).max_seq_len == 128
+    qwen = dict(base, architectures=["Qwen2ForCausalLM"], sliding_window=16)
+    assert hf.read_config(dict(qwen, use_sliding_window=False)).max_seq_len == 128
+
+
+def test_legacy_config_keys():
+  """transformers 4 spelling: top-level rope_theta, rope_scaling with `type`, torch_dtype."""
+  cfg = dict(architectures=["LlamaForCausalLM"], hidden_size=64, intermediate_size=128,
+             num_hidden_layers=2, num_attention_heads=4, vocab_size=V, rope_theta=5e5,
+             rope_scaling=dict(LLAMA3, rope_type=None, type="llama3", factor=32.0),
+             torch_dtype="bfloat16", tie_word_embeddings=True)
+  c = hf.read_config(cfg)
+  assert c.rope_theta == 5e5 and c.rope_scaling.factor == 32.0 and c.n_kv_heads == 4
+  assert c.head_dim == 16 and hf.checkpoint_dtype(cfg) == jnp.bfloat16
+  with pytest.raises(ValueError, match="attention_bias=true is not supported"):
+    hf.read_config(dict(cfg, attention_bias=True))
+
+
+# ---------------------------------------------------------------------------------- tokenizer
+
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+            "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+            "{% endif %}")
+TEXTS = ["Once upon a time there was a little fox who liked numbers like 12345.",
+         "The quick brown fox jumps over the lazy dog!", "héllo wörld, naïve café 🙂 ünïcode",
+         "  leading spaces\tand\ttabs\nnew lines"]
+MESSAGES = [{"role": "system", "content": "You are a fox."}, {"role": "user", "content": "hi fox"},
+            {"role": "assistant", "content": "hello there"}, {"role": "user", "content": "again?"}]
+
+
+def _train_bpe(folder, *, add_bos_token):
+  """A 300-token byte-level BPE with ChatML specials; BOS prepended by the post-processor."""
+  from tokenizers import Tokenizer, decoders, models as tm, pre_tokenizers, processors, trainers
+  tok = Tokenizer(tm.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+      vocab_size=300, special_tokens=["<s>", "</s>", "<|im_start|>", "<|im_end|>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+  tok.train_from_iterator(TEXTS * 10, trainer)
+  if add_bos_token:
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)])
+  tok.save(os.path.join(folder, "tokenizer.json"))
+  tcfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
+          "eos_token": "<|im_end|>", "chat_template": TEMPLATE}
+  if add_bos_token:
+    tcfg["add_bos_token"] = True
+  with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+    json.dump(tcfg, f)
+
+
+def _same_as_transformers(tok, folder):
+  ref = transformers.AutoTokenizer.from_pretrained(folder)
+  for text in TEXTS + ["", "<|im_start|>user\nhi<|im_end|>"]:
+    ids = tok.encode(text)
+    assert ids == ref(text)["input_ids"], text
+    assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=False)
+  want = ref.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+  assert tok.apply_chat_template(MESSAGES) == want
+  want_ids = ref.apply_chat_template(MESSAGES, tokenize=True, add_generation_prompt=True)
+  want_ids = want_ids["input_ids"] if isinstance(want_ids, dict) or hasattr(
+      want_ids, "keys") else want_ids
+  assert tok.apply_chat_template(MESSAGES, tokenize=True) == list(want_ids)
+  return ref
+
+
+@pytest.mark.parametrize("add_bos_token", [True, False])
+def test_tokenizer_matches_transformers(tmp_path, add_bos_token):
+  _train_bpe(tmp_path, add_bos_token=add_bos_token)
+  with open(tmp_path / "generation_config.json", "w") as f:
+    json.dump({"eos_token_id": [3, 1]}, f)
+  tok = hf.load_tokenizer(str(tmp_path), {"bos_token_id": 0, "eos_token_id": 1})
+  assert tok.add_bos == add_bos_token and tok.bos_id == 0 and tok.eos_ids == (3, 1)
+  assert tok.special_tokens == {"<s>": 0, "</s>": 1, "<|im_start|>": 2, "<|im_end|>": 3}
+  ref = _same_as_transformers(tok, str(tmp_path))
+  # What transformers writes back (its own file layout) reads the same.
+  out = tmp_path / "resaved"
+  ref.save_pretrained(out)
+  again = hf.load_tokenizer(str(out), {})
+  assert (again.bos_id, again.eos_ids[:1], again.add_bos) == (0, (3,), add_bos_token)
+  _same_as_transformers(again, str(out))
+
+
+def test_tokenizer_add_bos_from_post_processor(tmp_path):
+  """No add_bos_token key (Llama 3 style): the post-processor decides."""
+  _train_bpe(tmp_path, add_bos_token=True)
+  with open(tmp_path / "tokenizer_config.json") as f:
+    tcfg = json.load(f)
+  del tcfg["add_bos_token"]
+  with open(tmp_path / "tokenizer_config.json", "w") as f:
+    json.dump(tcfg, f)
+  tok = hf.load_tokenizer(str(tmp_path), {})
+  assert tok.add_bos and tok.encode("fox")[0] == 0
+
+
+def test_model_with_tokenizer(llama_dir, tmp_path):
+  d = _copy(llama_dir, tmp_path)
+  _train_bpe(d, add_bos_token=True)
+  tok = jaxspec.load_model(str(d), progress=False).tokenizer
+  assert isinstance(tok, models.HFTokenizer) and tok.eos_ids == (2, 3)  # config's, then <|im_end|>
+  assert tok.bos_id == 0 and tok.decode(tok.encode(TEXTS[2])) == "<s>" + TEXTS[2]
