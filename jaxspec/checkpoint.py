@@ -259,21 +259,24 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
   return info
 
 
-def _saved_arrays(ckpt, params_dir: str):
-  """The saved tree of array metadata (shape, dtype per leaf)."""
-  m = ckpt.metadata(params_dir)
-  m = getattr(m, "item_metadata", m)
-  return getattr(m, "tree", m)
-
-
-def _restore(params_dir: str, shapes, dtype, mesh):
-  """Restores into ShapeDtypeStructs built from `shapes` (a tree of ShapeDtypeStruct-likes)."""
+def _open(params_dir: str):
+  """(checkpointer, saved tree of array metadata with .shape/.dtype per leaf)."""
   import orbax.checkpoint as ocp
 
+  ckpt = ocp.StandardCheckpointer()
+  try:
+    m = ckpt.metadata(params_dir)
+  except Exception as e:  # orbax raises assorted errors on damaged directories
+    raise ValueError(f"{params_dir}: cannot read Orbax metadata ({type(e).__name__}: {e})") from e
+  m = getattr(m, "item_metadata", m)
+  return ckpt, getattr(m, "tree", m)
+
+
+def _restore(ckpt, params_dir: str, shapes, saved, dtype, mesh):
+  """Restores into ShapeDtypeStructs: `shapes` (a tree of tuples), the saved dtype unless
+  `dtype` is given, on one device or sharded by `jaxspec.sharding.param_shardings`."""
   from jaxspec.models.hf import param_shardings
 
-  ckpt = ocp.StandardCheckpointer()
-  saved = _saved_arrays(ckpt, params_dir)
   shape_tree = jax.tree.map(
       lambda s, m: jax.ShapeDtypeStruct(tuple(s), dtype if dtype is not None else m.dtype),
       shapes, saved, is_leaf=lambda s: isinstance(s, tuple))
@@ -299,32 +302,30 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None) -> Model:
                      f"with jaxspec.checkpoint.load_head")
   config = config_from_dict(info["config"], os.path.join(path, META_FILE))
   params_dir = os.path.join(path, PARAMS_DIR)
-  import orbax.checkpoint as ocp
-  saved = _saved_arrays(ocp.StandardCheckpointer(), params_dir)
+  ckpt, saved = _open(params_dir)
   saved_shapes = jax.tree.map(lambda m: tuple(m.shape), saved)
   want = llama.param_shapes(config)
   is_shape = lambda s: isinstance(s, tuple)
   llama.check_params(jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), saved_shapes,
                                   is_leaf=is_shape), config)
-  if jax.tree.structure(saved_shapes, is_leaf=is_shape) != jax.tree.structure(want, is_leaf=is_shape):
+  structure = lambda t: jax.tree.structure(t, is_leaf=is_shape)
+  if structure(saved_shapes) != structure(want):
     raise ValueError(f"{path}: saved parameters have entries the saved config does not use")
-  params = _restore(params_dir, want, dtype, mesh)
+  params = _restore(ckpt, params_dir, want, saved, dtype, mesh)
   tok = _load_tokenizer(info.get("tokenizer"), path)
   return Model(config=config, params=params, tokenizer=tok, name=info.get("name") or "model")
 
 
 def load_head(path: str | os.PathLike, *, dtype=None, mesh=None) -> Checkpoint:
   """Loads a non-model checkpoint (a drafter head or params pytree) written by `save`."""
-  import orbax.checkpoint as ocp
-
   path = os.path.abspath(os.fspath(path))
   info = read_meta(path)
   if info.get("kind") == "model":
     raise ValueError(f"{path} holds a model; load it with jaxspec.load_model")
   params_dir = os.path.join(path, PARAMS_DIR)
-  saved = _saved_arrays(ocp.StandardCheckpointer(), params_dir)
+  ckpt, saved = _open(params_dir)
   shapes = jax.tree.map(lambda m: tuple(m.shape), saved)
-  params = _restore(params_dir, shapes, dtype, mesh)
+  params = _restore(ckpt, params_dir, shapes, saved, dtype, mesh)
   return Checkpoint(kind=info["kind"], params=params, config=_decode(info.get("config")),
                     meta=_decode(info.get("meta") or {}), name=info.get("name"))
 
