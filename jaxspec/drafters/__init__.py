@@ -4,5 +4,6 @@ from .base import DrafterSpec, NoDraft, Round
 from .draft_model import DraftModel
 from .early_exit import EarlyExit
 from .ngram import NGram
+from .oracle import Oracle
 
-__all__ = ["DraftModel", "DrafterSpec", "EarlyExit", "NGram", "NoDraft", "Round"]
+__all__ = ["DraftModel", "DrafterSpec", "EarlyExit", "NGram", "NoDraft", "Oracle", "Round"]
