@@ -272,7 +272,7 @@ def _open(params_dir: str):
   return ckpt, getattr(m, "tree", m)
 
 
-def _restore(ckpt, params_dir: str, shapes, saved, dtype, mesh):
+def _restore(ckpt, params_dir: str, shapes, saved, dtype, mesh, config=None):
   """Restores into ShapeDtypeStructs: `shapes` (a tree of tuples), the saved dtype unless
   `dtype` is given, on one device or sharded by `jaxspec.sharding.param_shardings`."""
   from jaxspec.models.hf import param_shardings
@@ -284,7 +284,7 @@ def _restore(ckpt, params_dir: str, shapes, saved, dtype, mesh):
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shardings = jax.tree.map(lambda _: one, shape_tree)
   else:
-    shardings = param_shardings(shape_tree, mesh)
+    shardings = param_shardings(shape_tree, mesh, config)
   target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         shape_tree, shardings)
   try:
@@ -311,7 +311,7 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None) -> Model:
   structure = lambda t: jax.tree.structure(t, is_leaf=is_shape)
   if structure(saved_shapes) != structure(want):
     raise ValueError(f"{path}: saved parameters have entries the saved config does not use")
-  params = _restore(ckpt, params_dir, want, saved, dtype, mesh)
+  params = _restore(ckpt, params_dir, want, saved, dtype, mesh, config)
   tok = _load_tokenizer(info.get("tokenizer"), path)
   return Model(config=config, params=params, tokenizer=tok, name=info.get("name") or "model")
 

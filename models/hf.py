@@ -106,9 +106,15 @@ def _sliding_window(cfg: dict[str, Any], arch: str) -> int | None:
 def read_config(cfg: dict[str, Any], path: str = "config.json") -> ModelConfig:
   """A `ModelConfig` from the contents of a Hugging Face `config.json`."""
   archs = cfg.get("architectures") or []
+  if not archs and "model_type" not in cfg:
+    raise ValueError(f"{path}: not a Hugging Face model config (no 'architectures' or "
+                     f"'model_type' field)")
+  by_type = {v: k for k, v in ARCHITECTURES.items()}
   arch_name = next((a for a in archs if a in ARCHITECTURES), None)
+  if arch_name is None and not archs:
+    arch_name = by_type.get(cfg.get("model_type"))
   if arch_name is None:
-    got = ", ".join(archs) if archs else f"none (model_type={cfg.get('model_type')!r})"
+    got = ", ".join(archs) if archs else f"model_type={cfg.get('model_type')!r}"
     raise ValueError(f"{path}: architecture {got} is not supported (supported: "
                      f"{', '.join(ARCHITECTURES)})")
   arch = ARCHITECTURES[arch_name]
@@ -350,23 +356,28 @@ def read_params(w: Weights, c: ModelConfig, dtype, *, progress: bool = True,
   return params
 
 
-def param_shardings(shape_tree, mesh):
-  """`jaxspec.sharding.param_shardings`, or a clear error while sharding is not available."""
-  try:
-    from jaxspec.sharding import param_shardings as fn
-  except ImportError as e:
-    raise NotImplementedError("loading onto a mesh needs jaxspec.sharding.param_shardings, "
-                              "which is not available yet; load with mesh=None") from e
-  return fn(shape_tree, mesh)
+def _sharding(name: str):
+  """A function of `jaxspec.sharding`, or a clear error while sharding is not available."""
+  import jaxspec.sharding as sh
+  if not hasattr(sh, name):
+    raise NotImplementedError(f"loading onto a mesh needs jaxspec.sharding.{name}, which is not "
+                              f"available yet; load with mesh=None")
+  return getattr(sh, name)
 
 
-def to_device(params: dict[str, Any], mesh=None) -> dict[str, Any]:
-  """Moves host params to the default device, or shards them over `mesh` leaf by leaf."""
+def param_shardings(shape_tree, mesh, config: ModelConfig | None = None):
+  """Shardings of a params shape tree on `mesh` (checks the heads divide the tensor axis)."""
+  if config is not None:
+    _sharding("check_divisible")(config, mesh)
+  return _sharding("param_shardings")(shape_tree, mesh)
+
+
+def to_device(params: dict[str, Any], mesh=None, config: ModelConfig | None = None):
+  """Moves host params to the default device, or shards them over `mesh` (each process
+  builds only its own shards, so this is multi-host safe)."""
   if mesh is None:
     return jax.tree.map(jnp.asarray, params)
-  shape_tree = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-  shardings = param_shardings(shape_tree, mesh)
-  return jax.tree.map(jax.device_put, params, shardings)
+  return _sharding("shard_params")(params, mesh, config)
 
 
 # ----------------------------------------------------------------------------------- tokenizer
@@ -457,6 +468,11 @@ def load(path: str, *, dtype=None, mesh=None, progress: bool = True) -> Model:
   if not os.path.exists(cfg_path):
     raise FileNotFoundError(f"{folder}: not a Hugging Face checkpoint (no config.json)")
   cfg = _read_json(cfg_path)
+  if not cfg.get("architectures") and "model_type" not in cfg:
+    files = sorted(f for f in os.listdir(folder) if f.endswith((".gguf", ".bin")))
+    hint = f"; to load {files[0]}, pass its path" if files else ""
+    raise ValueError(f"{cfg_path}: not a Hugging Face model config (no 'architectures' or "
+                     f"'model_type' field){hint}")
   config = read_config(cfg, cfg_path)
   dt = dtype if dtype is not None else checkpoint_dtype(cfg)
   weights = Weights(folder)
@@ -468,4 +484,4 @@ def load(path: str, *, dtype=None, mesh=None, progress: bool = True) -> Model:
   if tok is not None and tok.vocab_size > config.vocab_size:
     raise ValueError(f"{folder}: tokenizer.json has {tok.vocab_size} tokens but the model only "
                      f"{config.vocab_size}")
-  return Model(config=config, params=to_device(host, mesh), tokenizer=tok, name=name)
+  return Model(config=config, params=to_device(host, mesh, config), tokenizer=tok, name=name)

@@ -197,3 +197,5 @@ def test_mesh(tmp_path):
     return
   back = jaxspec.load_model(path, mesh=mesh)
   _assert_same_params(model.params, back.params)
+  wq = back.params["layers"]["wq"]
+  assert isinstance(wq.sharding, jax.sharding.NamedSharding) and wq.sharding.mesh == mesh

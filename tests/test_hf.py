@@ -279,6 +279,42 @@ def test_unknown_architecture(llama_dir, tmp_path):
     jaxspec.load_model(str(d), progress=False)
 
 
+def test_not_a_model_config(llama_dir, tmp_path):
+  d = _copy(llama_dir, tmp_path)
+  with open(d / "config.json", "w") as f:
+    json.dump({"name": "notes about a GGUF file"}, f)
+  (d / "model.gguf").write_bytes(b"GGUF")
+  with pytest.raises(ValueError, match="not a Hugging Face model config.*pass its path"):
+    jaxspec.load_model(str(d), progress=False)
+
+
+def test_architecture_from_model_type():
+  c = hf.read_config(dict(model_type="qwen3", hidden_size=32, intermediate_size=64, head_dim=16,
+                          num_hidden_layers=2, num_attention_heads=4, vocab_size=V))
+  assert c.qk_norm and c.arch == "qwen3" and c.head_dim == 16
+
+
+def test_mesh(llama_dir):
+  """Loading onto a mesh shards by `jaxspec.sharding` rules; values are unchanged."""
+  import jaxspec.sharding as sh
+  mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "tensor"))
+  if not hasattr(sh, "param_shardings"):
+    with pytest.raises(NotImplementedError, match="param_shardings"):
+      jaxspec.load_model(llama_dir, mesh=mesh, progress=False)
+    return
+  ref = jaxspec.load_model(llama_dir, progress=False)
+  got = jaxspec.load_model(llama_dir, mesh=mesh, progress=False)
+  wq = got.params["layers"]["wq"]
+  assert isinstance(wq.sharding, jax.sharding.NamedSharding) and wq.sharding.mesh == mesh
+  assert len({s.device for s in wq.addressable_shards}) == 8
+  for x, y in zip(jax.tree.leaves(ref.params), jax.tree.leaves(got.params)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  with pytest.raises(ValueError, match="not divisible"):  # 4 query heads, tensor axis 8
+    jaxspec.load_model(llama_dir, progress=False,
+                       mesh=jax.sharding.Mesh(np.array(jax.devices()).reshape(1, 8),
+                                              ("data", "tensor")))
+
+
 def test_unsupported_rope_type(llama_dir, tmp_path):
   d = _copy(llama_dir, tmp_path)
   _edit_config(d, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4})
