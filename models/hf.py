@@ -414,7 +414,8 @@ def load_tokenizer(folder: str, cfg: dict[str, Any] | None = None) -> HFTokenize
   """`tokenizer.json` plus special-token metadata; None when the folder has no tokenizer.json.
 
   EOS ids are the union of generation_config.json, config.json and tokenizer_config.json
-  (generation stops on any of them, as `transformers.generate` does for lists).
+  (generation stops on any of them, as `transformers.generate` does for lists). Chat templates
+  see `bos_token` / `eos_token` only as tokenizer_config.json names them, as in transformers.
   """
   path = os.path.join(folder, "tokenizer.json")
   if not os.path.exists(path):
@@ -432,17 +433,13 @@ def load_tokenizer(folder: str, cfg: dict[str, Any] | None = None) -> HFTokenize
   bos_token = _token_text(tcfg.get("bos_token"))
   bos_id = tok.token_to_id(bos_token) if bos_token else None
   if bos_id is None:
-    ids = _ids(gen.get("bos_token_id", cfg.get("bos_token_id")))
+    ids = _ids(gen.get("bos_token_id")) or _ids(cfg.get("bos_token_id"))
     bos_id = ids[0] if ids else None
   eos_token = _token_text(tcfg.get("eos_token"))
   eos = _ids(gen.get("eos_token_id")) + _ids(cfg.get("eos_token_id"))
   if eos_token and tok.token_to_id(eos_token) is not None:
     eos.append(tok.token_to_id(eos_token))
   eos = list(dict.fromkeys(eos))
-  if bos_token is None and bos_id is not None:
-    bos_token = tok.id_to_token(bos_id)
-  if eos_token is None and eos:
-    eos_token = tok.id_to_token(eos[0])
 
   if "add_bos_token" in tcfg:
     add_bos = bool(tcfg["add_bos_token"])
