@@ -87,8 +87,9 @@ def chi2_pvalue(samples, law):
   # Cells expected fewer than 5 times are pooled into one (the chi-square approximation).
   small = exp < 5
   obs, exp = counts[~small], exp[~small]
-  if small.any():
-    obs, exp = np.append(obs, counts[small].sum()), np.append(exp, (law * len(samples))[small].sum())
+  pooled = (law * len(samples))[small].sum()
+  if pooled > 0:
+    obs, exp = np.append(obs, counts[small].sum()), np.append(exp, pooled)
   exp = exp * obs.sum() / exp.sum()  # renormalise float32 rounding
   return stats.chisquare(obs, exp).pvalue
 
