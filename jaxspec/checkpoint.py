@@ -173,15 +173,20 @@ def _load_tokenizer(d: dict[str, Any] | None, folder: str) -> Tokenizer | None:
 
 
 def _prepare_dir(path: str, overwrite: bool) -> None:
+  """Creates `path`, or clears the way to overwrite the jaxspec checkpoint already there."""
   if os.path.exists(path) and not os.path.isdir(path):
     raise FileExistsError(f"{path} exists and is not a directory")
-  if os.path.isdir(path) and os.listdir(path):
-    if not os.path.exists(os.path.join(path, META_FILE)):
+  entries = set(os.listdir(path)) if os.path.isdir(path) else set()
+  if entries:
+    ours = {META_FILE, META_FILE + ".tmp", PARAMS_DIR, "tokenizer.json", "tokenizer.model"}
+    if META_FILE not in entries and entries - ours:
       raise FileExistsError(f"{path} is a non-empty directory that is not a jaxspec checkpoint; "
                             f"save to a new or empty directory")
     if not overwrite:
-      raise FileExistsError(f"{path} already holds a jaxspec checkpoint; pass overwrite=True "
-                            f"to replace it")
+      raise FileExistsError(f"{path} already holds a jaxspec checkpoint (or an unfinished one); "
+                            f"pass overwrite=True to replace it")
+    if META_FILE in entries and jax.process_index() == 0:
+      os.remove(os.path.join(path, META_FILE))  # no stale marker if this save fails midway
   os.makedirs(path, exist_ok=True)
 
 

@@ -115,6 +115,11 @@ def test_overwrite_and_foreign_directories(tmp_path):
   other = tiny_model(seed=6)
   jaxspec.save_checkpoint(other, path, overwrite=True)
   _assert_same_params(other.params, jaxspec.load_model(path).params)
+  os.remove(os.path.join(path, checkpoint.META_FILE))  # as if a save had died midway
+  with pytest.raises(FileExistsError, match="unfinished"):
+    jaxspec.save_checkpoint(model, path)
+  jaxspec.save_checkpoint(model, path, overwrite=True)
+  _assert_same_params(model.params, jaxspec.load_model(path).params)
   foreign = tmp_path / "foreign"
   foreign.mkdir()
   (foreign / "notes.txt").write_text("mine")
