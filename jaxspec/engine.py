@@ -91,7 +91,7 @@ def _prefill(spec: EngineSpec, tparams, dparams, prompt, prompt_lens, live, inp:
   seq = jnp.zeros((b, spec.buf_len), jnp.int32).at[:, :p].set(prompt)
   seq = seq.at[jnp.arange(b), prompt_lens].set(first)
   done = ~live | _is_stop(first[:, None], inp.stop)[:, 0] | (inp.max_new <= 1)
-  dstate = spec.drafter.init(dparams, tparams, prompt, prompt_lens, spec.buf_len)
+  dstate = spec.drafter.init(dparams, tparams, prompt, prompt_lens, spec.buf_len, out.hidden)
   stats = Stats(target_calls=live.astype(jnp.int32),
                 accept_hist=jnp.zeros((b, spec.k + 1), jnp.int32),
                 rounds=jnp.zeros((), jnp.int32))
@@ -126,7 +126,7 @@ def _round(spec: EngineSpec, tparams, dparams, inp: Inputs, s: State) -> State:
   n = s.n + count
   done = s.done | has_stop | (n - s.prompt_lens >= inp.max_new)
   cache = out.cache.rewind(n - 1)
-  dstate = spec.drafter.commit(dparams, dstate, r, n)
+  dstate = spec.drafter.commit(dparams, dstate, r, n, n_acc, out.hidden)
 
   hist = s.stats.accept_hist + (jax.nn.one_hot(n_acc, k + 1, dtype=jnp.int32) *
                                 live[:, None].astype(jnp.int32))

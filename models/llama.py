@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from . import layers as nn
@@ -159,19 +160,24 @@ def param_shapes(config: ModelConfig) -> dict[str, Any]:
   return shapes
 
 
-def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.02) -> Params:
-  """Random parameters (tests, benchmarks of model shapes with no checkpoint)."""
+def init_params(config: ModelConfig, key: jax.Array | int, dtype=jnp.float32,
+                scale: float = 0.02) -> Params:
+  """Random parameters (tests, benchmarks of model shapes with no checkpoint).
+
+  Drawn with numpy on the host (no per-shape compilation); norms start at one.
+  """
+  seed = key if isinstance(key, int) else int(jax.random.randint(key, (), 0, 2**31 - 1))
+  rng = np.random.default_rng(seed)
   shapes = param_shapes(config)
-  leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
-  keys = jax.random.split(key, len(leaves))
-  paths = [jax.tree_util.keystr(p) for p, _ in
-           jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda s: isinstance(s, tuple))[0]]
+  flat, treedef = jax.tree_util.tree_flatten_with_path(
+      shapes, is_leaf=lambda s: isinstance(s, tuple))
   out = []
-  for path, shape, k in zip(paths, leaves, keys):
-    if "norm" in path:
-      out.append(jnp.ones(shape, dtype))
+  for path, shape in flat:
+    if "norm" in jax.tree_util.keystr(path):
+      w = np.ones(shape, np.float32)
     else:
-      out.append((scale * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
+      w = rng.standard_normal(shape, dtype=np.float32) * scale
+    out.append(jnp.asarray(w, dtype))
   return jax.tree.unflatten(treedef, out)
 
 

@@ -6,12 +6,18 @@ argument: k, configs, choices); the params are a pytree of arrays (traced). Insi
 loop the engine calls, once per round:
 
     dstate, tcache, tokens, probs = spec.propose(params, dstate, round)
-    dstate = spec.commit(params, dstate, round, n_new)
+    dstate = spec.commit(params, dstate, round, n_new, n_acc, hidden)
 
 `round` (a `Round`) carries the target params and cache, the token buffer `seq` and the number
 of committed tokens `n` per row: `seq[b, n[b] - 1]` is the last committed token, not yet in the
 target cache (`tcache.lengths == n - 1`). `tokens` are k proposed tokens [B, k]; `probs` their
 draft distributions [B, k, V] for lossless sampling, or None for a deterministic proposal.
+
+Feature drafters (EAGLE, Medusa) read the target's hidden states: `init` gets the prefill's
+`hidden` [B, P, D] (row b's prompt ends at prompt_lens[b] - 1) and `commit` gets the verify
+pass's `hidden` [B, k+1, D] (position 0 = the pending token, i = draft i) with `n_acc` [B], the
+number of drafts accepted. `hidden[b, n_acc[b]]` is the feature whose next token is the new
+pending token `seq[b, n_new[b] - 1]`.
 """
 
 from __future__ import annotations
@@ -53,13 +59,15 @@ class DrafterSpec:
   def with_mode(self, mode: SamplingMode) -> "DrafterSpec":
     return dataclasses.replace(self, mode=mode)
 
-  def init(self, params, tparams, prompt: jax.Array, prompt_lens: jax.Array, cache_size: int):
+  def init(self, params, tparams, prompt: jax.Array, prompt_lens: jax.Array, cache_size: int,
+           hidden: jax.Array):
     return ()
 
   def propose(self, params, dstate, r: Round):
     raise NotImplementedError
 
-  def commit(self, params, dstate, r: Round, n_new: jax.Array):
+  def commit(self, params, dstate, r: Round, n_new: jax.Array, n_acc: jax.Array,
+             hidden: jax.Array):
     return dstate
 
 

@@ -21,7 +21,7 @@ class DraftModelSpec(DrafterSpec):
   def draft_forwards(self) -> int:
     return self.k
 
-  def init(self, params, tparams, prompt, prompt_lens, cache_size):
+  def init(self, params, tparams, prompt, prompt_lens, cache_size, hidden):
     cache = KVCache.init(self.draft, prompt.shape[0], cache_size, params["embed"].dtype)
     out = forward(params, self.draft, prompt, cache, logits=False)
     return out.cache.rewind(prompt_lens)

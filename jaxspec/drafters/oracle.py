@@ -21,7 +21,7 @@ from .base import DrafterSpec, Round, check_k
 class OracleSpec(DrafterSpec):
   correct: int = 0
 
-  def init(self, params, tparams, prompt, prompt_lens, cache_size):
+  def init(self, params, tparams, prompt, prompt_lens, cache_size, hidden):
     return prompt_lens
 
   def propose(self, ref, prompt_lens, r: Round):
