@@ -66,6 +66,7 @@ def forward(
     tree_mask: jax.Array | None = None,
     n_layers: int | None = None,
     logits: bool = True,
+    embeds: jax.Array | None = None,
 ) -> Output:
   """Runs the decoder over `tokens` [B, T].
 
@@ -78,6 +79,8 @@ def forward(
     n_layers: run only the first n layers (self-speculative early exit), then the final norm
       and head. The cache keeps all layers; only the first n are written.
     logits: compute the [B, T, V] head (skip it when only hidden states are needed).
+    embeds: input vectors [B, T, D] used instead of embedding `tokens` (feature drafters such
+      as EAGLE feed fused target features through the same decoder layers).
   """
   b, t = tokens.shape
   n_run = config.n_layers if n_layers is None else n_layers
@@ -88,7 +91,7 @@ def forward(
   inv_freq = nn.rope_inv_freq(config)
   dtype = params["embed"].dtype
 
-  x = params["embed"][tokens].astype(dtype)  # [B, T, D]
+  x = (params["embed"][tokens] if embeds is None else embeds).astype(dtype)  # [B, T, D]
   if cache is None:
     mask = _mask(t, t, None, tree_mask)
     slots = None
