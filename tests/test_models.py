@@ -165,6 +165,7 @@ def _tree_setup(cfg, params, rng):
   return cache, lens, tokens, mask, positions, paths, np.asarray(ref), prompts
 
 
+@pytest.mark.parametrize("model", ["gqa", "stories"], indirect=True)
 def test_tree_mask_matches_root_path_chains(model):
   cfg, params = model
   rng = np.random.default_rng(1)
@@ -212,6 +213,7 @@ def test_gather_slots_moves_entries():
   np.testing.assert_array_equal(out.lengths, cache.lengths)  # lengths are the caller's business
 
 
+@pytest.mark.parametrize("model", ["gqa", "stories"], indirect=True)
 def test_gather_slots_commits_tree_path(model):
   """Tree verify, move the accepted path to contiguous slots, then decode on top of it."""
   cfg, params = model
@@ -247,13 +249,10 @@ def test_early_exit_equals_truncated_model(n_layers):
   tokens = jnp.asarray(np.random.default_rng(4).integers(3, cfg.vocab_size, size=(2, 6)),
                        jnp.int32)
 
-  got, want = FWD(params, cfg, tokens, n_layers=n_layers), FWD(short, short_cfg, tokens)
-  np.testing.assert_allclose(got.logits, want.logits, atol=ATOL, rtol=ATOL)
-  np.testing.assert_allclose(got.hidden, want.hidden, atol=ATOL, rtol=ATOL)
-
   got = FWD(params, cfg, tokens, KVCache.init(cfg, 2, 16), n_layers=n_layers)
   want = FWD(short, short_cfg, tokens, KVCache.init(short_cfg, 2, 16))
   np.testing.assert_allclose(got.logits, want.logits, atol=ATOL, rtol=ATOL)
+  np.testing.assert_allclose(got.hidden, want.hidden, atol=ATOL, rtol=ATOL)
   np.testing.assert_allclose(got.cache.k[:n_layers], want.cache.k, atol=ATOL, rtol=ATOL)
   np.testing.assert_allclose(got.cache.v[:n_layers], want.cache.v, atol=ATOL, rtol=ATOL)
   assert not np.any(np.asarray(got.cache.k[n_layers:]))  # deeper layers untouched
