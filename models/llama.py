@@ -36,24 +36,26 @@ def _layer_weights(params: Params, i: jax.Array) -> dict[str, jax.Array]:
   return jax.tree.map(lambda w: w[i], params["layers"])
 
 
-def _mask(t: int, s: int, lengths: jax.Array | None, tree_mask: jax.Array | None) -> jax.Array:
-  """[B, T, S] attention mask over cache slots (or over the T new tokens when lengths is None).
+def _mask(t: int, s: int, base: jax.Array | None, tree_mask: jax.Array | None) -> jax.Array:
+  """[B, T, S] attention mask over cache slots (or over the T new tokens when base is None).
 
-  A query sees the whole live prefix (slots < length) and, among the new tokens, those its
-  `tree_mask` row allows (causal when tree_mask is None).
+  Every query sees the slots below its row's `base` (the live prefix). Slots from `base` on
+  hold draft/tree tokens: `tree_mask` [B?, T, W] says which of the W slots base .. base + W - 1
+  each query sees (causal over the T new tokens when tree_mask is None).
   """
   tq = jnp.arange(t)[:, None]  # [T, 1]
-  rel = jnp.arange(s)[None, :]  # [1, S] slot relative to the row's length
-  if lengths is not None:
-    rel = rel[None] - lengths[:, None, None]  # [B, 1, S]
-  else:
-    rel = rel[None]
+  rel = jnp.arange(s)[None, None, :]  # [1, 1, S]: slot relative to the row's base
+  if base is not None:
+    rel = rel - base[:, None, None]  # [B, 1, S]
   if tree_mask is None:
     return jnp.broadcast_to(rel <= tq[None], (rel.shape[0], t, s))
-  tm = jnp.broadcast_to(tree_mask, (rel.shape[0], t, t)) if tree_mask.ndim == 2 else tree_mask
-  idx = jnp.broadcast_to(jnp.clip(rel, 0, t - 1), (tm.shape[0], t, s))
-  new_ok = jnp.take_along_axis(tm, idx, axis=2)
-  return (rel < 0) | ((rel < t) & new_ok)
+  w = tree_mask.shape[-1]
+  tm = tree_mask if tree_mask.ndim == 3 else tree_mask[None]
+  bsz = max(tm.shape[0], rel.shape[0])
+  tm = jnp.broadcast_to(tm, (bsz, t, w))
+  idx = jnp.broadcast_to(jnp.clip(rel, 0, w - 1), (bsz, t, s))
+  visible = jnp.take_along_axis(tm, idx, axis=2)
+  return (rel < 0) | ((rel < w) & visible)
 
 
 def forward(
@@ -64,6 +66,7 @@ def forward(
     *,
     positions: jax.Array | None = None,
     tree_mask: jax.Array | None = None,
+    mask_base: jax.Array | None = None,
     n_layers: int | None = None,
     logits: bool = True,
     embeds: jax.Array | None = None,
@@ -75,7 +78,11 @@ def forward(
       also attends to the row's live prefix; the returned cache has `lengths += T`.
     positions: RoPE positions [B, T]; default `lengths + arange(T)` (tree nodes pass
       `lengths + depth`).
-    tree_mask: [T, T] or [B, T, T] visibility among the new tokens (default causal).
+    tree_mask: [T, W] or [B, T, W] visibility of the slots `mask_base .. mask_base + W - 1`
+      (default: causal among the T new tokens, W = T).
+    mask_base: [B] first slot governed by `tree_mask` (default `cache.lengths`). Drafting a
+      tree level by level writes each level after the earlier ones and sets mask_base to the
+      tree's root slot, so each node sees exactly its ancestors.
     n_layers: run only the first n layers (self-speculative early exit), then the final norm
       and head. The cache keeps all layers; only the first n are written.
     logits: compute the [B, T, V] head (skip it when only hidden states are needed).
@@ -96,7 +103,8 @@ def forward(
     mask = _mask(t, t, None, tree_mask)
     slots = None
   else:
-    mask = _mask(t, cache.size, lengths, tree_mask)
+    base = lengths if mask_base is None else mask_base
+    mask = _mask(t, cache.size, base, tree_mask)
     slots = lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
 
   def layer(carry, i):
