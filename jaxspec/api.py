@@ -151,13 +151,11 @@ def _prepare(model: Model, prompts, *, drafter, max_new_tokens, temperature, top
     if not hasattr(drafter, "bind"):
       raise TypeError(f"drafter must be a jaxspec drafter (jaxspec.drafters.*), got "
                       f"{type(drafter).__name__}")
-    if getattr(drafter, "tree", None) is not None:
-      raise NotImplementedError("token trees are not supported yet (see the token-tree issue)")
     dspec, dparams = drafter.bind(model)
   dspec = dspec.with_mode(mode)
   p = _bucket(longest)
   bb = _batch_bucket(b)
-  buf = -(-(p + max_new_tokens + dspec.k + 1) // BUF_ALIGN) * BUF_ALIGN
+  buf = -(-(p + max_new_tokens + dspec.footprint + 1) // BUF_ALIGN) * BUF_ALIGN
   prompt = np.zeros((bb, p), np.int32)
   lens = np.ones((bb,), np.int32)
   for i, x in enumerate(ids):
@@ -205,11 +203,22 @@ def generate(model: Model, prompts, *, drafter=None, max_new_tokens: int = 128,
   t0 = time.perf_counter()
   state, c1 = _start(model, pr)
   state, c2 = _rounds(model, pr, state, 1 << 30)
-  seq, n, lens, calls, hist, rounds = jax.device_get(
+  seq, n, lens, calls, hist, rounds, bad = jax.device_get(
       (state.seq, state.n, state.prompt_lens, state.stats.target_calls, state.stats.accept_hist,
-       state.stats.rounds))
+       state.stats.rounds, state.stats.nonfinite))
   run_s = time.perf_counter() - t0 - c1 - c2
+  _check_finite(model, bad[:pr.batch])
   return _result(model, pr, seq, n, lens, calls, hist, rounds, c1 + c2, run_s)
+
+
+def _check_finite(model: Model, bad) -> None:
+  """Raises instead of returning tokens drawn from NaN/inf logits."""
+  rows = [int(i) for i in np.flatnonzero(bad)]
+  if rows:
+    raise FloatingPointError(
+        f"{model.name!r} produced non-finite logits (NaN or inf) for prompt row(s) {rows}; its "
+        f"weights or activations are broken (a corrupt checkpoint, or float16 overflow: try "
+        f"dtype='float32' or 'bfloat16'), so no tokens are returned")
 
 
 def _result(model, pr: _Prepared, seq, n, lens, calls, hist, rounds, compile_s, run_s) -> Result:
@@ -223,7 +232,7 @@ def _result(model, pr: _Prepared, seq, n, lens, calls, hist, rounds, compile_s, 
       mean_accepted=new / max(1, total_calls), target_calls=total_calls,
       draft_calls=int(rounds) * pr.spec.drafter.draft_forwards, rounds=int(rounds),
       accepted=hist[:b].tolist(), new_tokens=new, compile_s=compile_s, run_s=run_s,
-      tokens_per_s=new / run_s if run_s > 0 else float("nan"), k=pr.spec.k)
+      tokens_per_s=new / run_s if run_s > 0 else float("nan"), k=pr.spec.depth)
   return Result(tokens=tokens, texts=texts, stats=stats)
 
 
@@ -239,7 +248,8 @@ def stream(model: Model, prompt, *, rounds_per_chunk: int = 4, **kw) -> Iterator
   lens = int(pr.lens[0])
   shown = ""
   while True:
-    n, done = jax.device_get((state.n[0], state.done[0]))
+    n, done, bad = jax.device_get((state.n[0], state.done[0], state.stats.nonfinite[:1]))
+    _check_finite(model, bad)
     text = model.tokenizer.decode(jax.device_get(state.seq[0, lens:n]).tolist())
     if not done and text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more
       text = text[:-1]

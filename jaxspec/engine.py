@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxspec import sampling, verify
+from jaxspec import sampling, trees, verify
 from jaxspec.drafters.base import DrafterSpec, Round
 from jaxspec.models import KVCache, ModelConfig, forward, head
 from jaxspec.sampling import SamplingParams
@@ -45,12 +45,18 @@ class EngineSpec:
   def k(self) -> int:
     return self.drafter.k
 
+  @property
+  def depth(self) -> int:
+    """Most drafts a round can accept: k for chains, the tree's depth for trees."""
+    return self.drafter.depth
+
 
 @struct.dataclass
 class Stats:
   target_calls: jax.Array  # [B] target forwards while the row was live (prefill included)
-  accept_hist: jax.Array  # [B, k + 1] rounds by number of accepted drafts
+  accept_hist: jax.Array  # [B, depth + 1] rounds by number of accepted drafts
   rounds: jax.Array  # [] loop iterations
+  nonfinite: jax.Array  # [B] bool: the target produced a NaN/inf logit for this live row
 
 
 @struct.dataclass
@@ -93,45 +99,74 @@ def _prefill(spec: EngineSpec, tparams, dparams, prompt, prompt_lens, live, inp:
   done = ~live | _is_stop(first[:, None], inp.stop)[:, 0] | (inp.max_new <= 1)
   dstate = spec.drafter.init(dparams, tparams, prompt, prompt_lens, spec.buf_len, out.hidden)
   stats = Stats(target_calls=live.astype(jnp.int32),
-                accept_hist=jnp.zeros((b, spec.k + 1), jnp.int32),
-                rounds=jnp.zeros((), jnp.int32))
+                accept_hist=jnp.zeros((b, spec.depth + 1), jnp.int32),
+                rounds=jnp.zeros((), jnp.int32),
+                nonfinite=live & ~jnp.isfinite(logits).all(axis=-1))
   return State(seq=seq, n=prompt_lens + 1, prompt_lens=prompt_lens, done=done,
                cache=out.cache.rewind(prompt_lens), dstate=dstate, key=key, stats=stats)
 
 
+def _draft_and_verify(spec: EngineSpec, tparams, dparams, s: State, r: Round, k_verify):
+  """Chain: k drafts verified at positions n-1 .. n-1+k. Tree: N nodes verified at positions
+  n-1+depth with the ancestor mask, then the accepted path moved to contiguous slots.
+
+  Returns (dstate, cache, n_acc [B], emit [B, depth+1], hidden along the accepted path,
+  path [B, depth+1] or None for chains, nonfinite [B])."""
+  d = spec.drafter
+  if d.tree is None:
+    dstate, tcache, drafts, dprobs = d.propose(dparams, s.dstate, r)
+    pending = jnp.take_along_axis(s.seq, (s.n - 1)[:, None], axis=1)  # [B, 1]
+    out = forward(tparams, spec.target, jnp.concatenate([pending, drafts], axis=1), tcache)
+    n_acc, emit = verify.chain(k_verify, drafts, dprobs, out.logits, d.mode, r.sp)
+    return dstate, out.cache, n_acc, emit, out.hidden, None, _nonfinite(out.logits)
+  dstate, tcache, tree = d.propose_tree(dparams, s.dstate, r)
+  depth = d.tree.max_depth
+  anc = trees.ancestor_mask(tree.parents, depth)
+  out = forward(tparams, spec.target, tree.tokens, tcache,
+                positions=(s.n - 1)[:, None] + tree.depth, tree_mask=anc)
+  n_acc, emit, path = verify.tree(k_verify, tree, out.logits, depth, d.tree.max_children, d.mode,
+                                  r.sp)
+  cache = out.cache.gather_slots(s.n - 1, path)
+  hidden = jnp.take_along_axis(out.hidden, path[:, :, None], axis=1)  # [B, D+1, Dm]
+  return dstate, cache, n_acc, emit, hidden, path, _nonfinite(out.logits)
+
+
+def _nonfinite(logits: jax.Array) -> jax.Array:
+  """[B] rows whose verify logits hold a NaN or inf."""
+  return ~jnp.isfinite(logits).all(axis=(1, 2))
+
+
 def _round(spec: EngineSpec, tparams, dparams, inp: Inputs, s: State) -> State:
-  k = spec.k
   b = s.seq.shape[0]
   key, k_draft, k_verify = jax.random.split(s.key, 3)
   r = Round(tparams=tparams, tcache=s.cache, seq=s.seq, n=s.n, key=k_draft, sp=inp.sp)
-  dstate, tcache, drafts, dprobs = spec.drafter.propose(dparams, s.dstate, r)
-
-  # Verify: the pending token plus k drafts, one target forward at positions n-1 .. n-1+k.
-  pending = jnp.take_along_axis(s.seq, (s.n - 1)[:, None], axis=1)  # [B, 1]
-  out = forward(tparams, spec.target, jnp.concatenate([pending, drafts], axis=1), tcache)
-  n_acc, emit = verify.chain(k_verify, drafts, dprobs, out.logits, spec.drafter.mode, inp.sp)
+  dstate, cache, n_acc, emit, hidden, path, bad = _draft_and_verify(spec, tparams, dparams, s,
+                                                                    r, k_verify)
 
   # Commit up to n_acc + 1 tokens, cut at max_new_tokens and at the first stop token.
   live = ~s.done
   count = jnp.minimum(n_acc + 1, inp.max_new - (s.n - s.prompt_lens))
-  j = jnp.arange(k + 1)[None, :]
+  j = jnp.arange(emit.shape[1])[None, :]
   stop_hit = _is_stop(emit, inp.stop) & (j < count[:, None])
   has_stop = jnp.any(stop_hit, axis=1)
   count = jnp.where(has_stop, jnp.argmax(stop_hit, axis=1) + 1, count)
   count = jnp.where(live, count, 0)
-  idx = s.n[:, None] + j  # [B, k+1] buffer positions of the emitted tokens
+  idx = s.n[:, None] + j  # [B, depth+1] buffer positions of the emitted tokens
   old = jnp.take_along_axis(s.seq, jnp.clip(idx, 0, spec.buf_len - 1), axis=1)
   rows = jnp.arange(b)[:, None]
   seq = s.seq.at[rows, idx].set(jnp.where(j < count[:, None], emit, old), mode="drop")
   n = s.n + count
   done = s.done | has_stop | (n - s.prompt_lens >= inp.max_new)
-  cache = out.cache.rewind(n - 1)
-  dstate = spec.drafter.commit(dparams, dstate, r, n, n_acc, out.hidden)
+  cache = cache.rewind(n - 1)
+  if path is None:
+    dstate = spec.drafter.commit(dparams, dstate, r, n, n_acc, hidden)
+  else:
+    dstate = spec.drafter.commit_tree(dparams, dstate, r, n, n_acc, hidden, path)
 
-  hist = s.stats.accept_hist + (jax.nn.one_hot(n_acc, k + 1, dtype=jnp.int32) *
+  hist = s.stats.accept_hist + (jax.nn.one_hot(n_acc, spec.depth + 1, dtype=jnp.int32) *
                                 live[:, None].astype(jnp.int32))
   stats = Stats(target_calls=s.stats.target_calls + live.astype(jnp.int32), accept_hist=hist,
-                rounds=s.stats.rounds + 1)
+                rounds=s.stats.rounds + 1, nonfinite=s.stats.nonfinite | (live & bad))
   return s.replace(seq=seq, n=n, done=done, cache=cache, dstate=dstate, key=key, stats=stats)
 
 

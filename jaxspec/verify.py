@@ -73,3 +73,89 @@ def chain(key: jax.Array, drafts: jax.Array, draft_probs: jax.Array | None,
   if mode.greedy:
     return greedy(drafts, target_logits)
   return rejection(key, drafts, draft_probs, target_logits, mode, sp)
+
+
+# Token trees -----------------------------------------------------------------------------
+# Both return (n_acc [B], tokens [B, D+1], path [B, D+1]): `path` lists the accepted nodes from
+# the root (path[:, 0] == 0) and `tokens` the accepted tokens then the correction/bonus token.
+
+
+def _tree_emit(tree, path, n_acc, last):
+  toks = jnp.take_along_axis(tree.tokens, path, axis=1)[:, 1:]  # [B, D] tokens along the path
+  return _place(toks, n_acc, last)
+
+
+def tree_greedy(tree, target_logits: jax.Array, max_depth: int):
+  """Accept the deepest node whose whole root path matches the target's argmax."""
+  from jaxspec import trees
+
+  g = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)  # [B, N]
+  ok = (tree.tokens == jnp.take_along_axis(g, tree.parents, axis=1)) & tree.valid
+  ok = ok.at[:, 0].set(True)
+  for _ in range(max_depth):  # ok[i] &= ok[parent[i]], D times: every ancestor matched
+    ok = ok & jnp.take_along_axis(ok, tree.parents, axis=1)
+  n = tree.tokens.shape[1]
+  score = jnp.where(ok, tree.depth * n + (n - 1 - jnp.arange(n)), -1)  # deepest, then first
+  best = jnp.argmax(score, axis=1).astype(jnp.int32)
+  n_acc = jnp.take_along_axis(tree.depth, best[:, None], axis=1)[:, 0]
+  path = trees.path_to(tree.parents, tree.depth, best, max_depth)
+  last = jnp.take_along_axis(g, best[:, None], axis=1)[:, 0]
+  return n_acc, _tree_emit(tree, path, n_acc, last), path
+
+
+def tree_rejection(key: jax.Array, tree, target_logits: jax.Array, max_depth: int,
+                   max_children: int, mode: SamplingMode, sp: SamplingParams):
+  """Lossless multi-draft sampling over a tree whose siblings are chosen deterministically
+  (top-k of a draft, table lookups, n-gram matches).
+
+  Walking down from the root, the children of the current node are tried in order, each as a
+  one-hot proposal against the current residual r (initially the target's p at that node):
+  accept child x with probability r(x); on rejection r <- normalise(r with r(x) = 0). If a
+  child is accepted, descend; if all are rejected (or there are none), emit a token drawn from
+  r. Each step is exact rejection sampling with a one-hot draft, so the emitted sequence has
+  the target's distribution whatever the siblings are: duplicates are rejected for free
+  (r(x) is already 0) and a fully rejected sibling set leaves the exact residual.
+  """
+  from jaxspec import trees
+
+  b, n = tree.tokens.shape
+  p = sampling.probs(target_logits, mode, sp)  # [B, N, V]
+  v = p.shape[-1]
+  children = trees.children_table(tree.parents, tree.valid, max_children)  # [B, N, M]
+  rows = jnp.arange(b)
+  cur = jnp.zeros((b,), jnp.int32)
+  active = jnp.ones((b,), bool)
+  n_acc = jnp.zeros((b,), jnp.int32)
+  last = jnp.zeros((b,), jnp.int32)
+  keys = jax.random.split(key, (max_depth + 1) * (max_children + 1))
+  for d in range(max_depth + 1):
+    r = p[rows, cur]  # [B, V]
+    accepted = jnp.zeros((b,), bool)
+    nxt = cur
+    for m in range(max_children):
+      c = children[rows, cur, m]
+      has = (c >= 0) & active & ~accepted
+      x = tree.tokens[rows, jnp.maximum(c, 0)]
+      total = jnp.sum(r, axis=-1)
+      px = r[rows, x] / jnp.where(total > 0, total, 1.0)
+      u = jax.random.uniform(keys[d * (max_children + 1) + m], (b,))
+      acc = has & (u < px)
+      accepted = accepted | acc
+      nxt = jnp.where(acc, c, nxt)
+      r = jnp.where((has & ~acc)[:, None], r * (1.0 - jax.nn.one_hot(x, v, dtype=r.dtype)), r)
+    stop = active & ~accepted
+    r = jnp.where(jnp.sum(r, -1, keepdims=True) > 0, r, p[rows, cur])  # float-rounding guard
+    drawn = sampling.categorical_from_probs(keys[d * (max_children + 1) + max_children], r)
+    last = jnp.where(stop, drawn, last)
+    n_acc = n_acc + (active & accepted).astype(jnp.int32)
+    cur = nxt
+    active = active & accepted
+  path = trees.path_to(tree.parents, tree.depth, cur, max_depth)
+  return n_acc, _tree_emit(tree, path, n_acc, last), path
+
+
+def tree(key, tree_arrays, target_logits, max_depth: int, max_children: int,
+         mode: SamplingMode, sp: SamplingParams):
+  if mode.greedy:
+    return tree_greedy(tree_arrays, target_logits, max_depth)
+  return tree_rejection(key, tree_arrays, target_logits, max_depth, max_children, mode, sp)

@@ -50,11 +50,22 @@ class DrafterSpec:
   k: int
   target: ModelConfig
   mode: SamplingMode = SamplingMode()
+  tree: Any = None  # None (chains) | trees.Static | trees.Dynamic
 
   @property
   def draft_forwards(self) -> int:
     """Draft forward passes per round (for stats)."""
     return 0
+
+  @property
+  def footprint(self) -> int:
+    """Cache slots past the committed length that one round may write."""
+    return self.k + 1 if self.tree is None else self.tree.footprint
+
+  @property
+  def depth(self) -> int:
+    """Most drafts one round can accept (k for chains, the tree depth for trees)."""
+    return self.k if self.tree is None else self.tree.max_depth
 
   def with_mode(self, mode: SamplingMode) -> "DrafterSpec":
     return dataclasses.replace(self, mode=mode)
@@ -70,6 +81,15 @@ class DrafterSpec:
              hidden: jax.Array):
     return dstate
 
+  # Token trees (see jaxspec.trees). `propose_tree` returns (dstate, tcache, TreeArrays) whose
+  # node 0 is the pending token; `commit_tree` gets the accepted `path` [B, D+1] of node
+  # indices and the target's hidden states gathered along it.
+  def propose_tree(self, params, dstate, r: Round):
+    raise NotImplementedError(f"{type(self).__name__} does not draft token trees")
+
+  def commit_tree(self, params, dstate, r: Round, n_new, n_acc, hidden, path):
+    return self.commit(params, dstate, r, n_new, n_acc, hidden)
+
 
 @dataclasses.dataclass(frozen=True)
 class NoDraft(DrafterSpec):
@@ -84,6 +104,11 @@ def last_tokens(seq: jax.Array, n: jax.Array, count: int) -> jax.Array:
   """[B, count]: the last `count` committed tokens of each row (seq[n - count .. n - 1])."""
   idx = n[:, None] - count + jnp.arange(count)[None, :]
   return jnp.take_along_axis(seq, jnp.clip(idx, 0, seq.shape[1] - 1), axis=1)
+
+
+def check_tree(tree):
+  from jaxspec.trees import check_tree as _check
+  return _check(tree)
 
 
 def check_k(k) -> int:

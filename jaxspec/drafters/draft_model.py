@@ -9,8 +9,9 @@ import jax.numpy as jnp
 
 from jaxspec.models import KVCache, Model, ModelConfig, forward
 
-from .base import DrafterSpec, Round, check_k, last_tokens
+from .base import DrafterSpec, Round, check_k, check_tree, last_tokens
 from .chain import draft_chain
+from .tree_draft import grow
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,15 +24,39 @@ class DraftModelSpec(DrafterSpec):
 
   def init(self, params, tparams, prompt, prompt_lens, cache_size, hidden):
     cache = KVCache.init(self.draft, prompt.shape[0], cache_size, params["embed"].dtype)
-    out = forward(params, self.draft, prompt, cache, logits=False)
-    return out.cache.rewind(prompt_lens)
+    cache = forward(params, self.draft, prompt, cache, logits=False).cache.rewind(prompt_lens)
+    if self.tree is None:
+      return cache
+    return cache, jnp.zeros((prompt.shape[0], self.tree.n_nodes), jnp.int32)
 
-  def propose(self, params, cache: KVCache, r: Round):
+  def _root(self, params, cache: KVCache, r: Round):
     # The draft cache holds every committed token but possibly the last two (after a fully
     # accepted round the final draft token was never fed). Re-feed both: rewriting an entry
     # with the same token is idempotent, and it keeps every shape static.
-    cache = cache.rewind(r.n - 2)
-    out = forward(params, self.draft, last_tokens(r.seq, r.n, 2), cache)
+    return forward(params, self.draft, last_tokens(r.seq, r.n, 2), cache.rewind(r.n - 2))
+
+  def propose_tree(self, params, dstate, r: Round):
+    out = self._root(params, dstate[0], r)
+
+    def feed(cache, toks, pos, base, tree_mask):
+      o = forward(params, self.draft, toks, cache, positions=pos, mask_base=base,
+                  tree_mask=tree_mask)
+      return o.cache, o.logits
+
+    pending = last_tokens(r.seq, r.n, 1)[:, 0]
+    cache, arrays, node_slot = grow(feed, out.cache, out.logits[:, 1], pending, r.n - 1,
+                                    self.tree)
+    return (cache, node_slot), r.tcache, arrays
+
+  def commit_tree(self, params, dstate, r: Round, n_new, n_acc, hidden, path):
+    # Move the draft's entries of the accepted path (fed at tree slots) to contiguous slots.
+    cache, node_slot = dstate
+    src = jnp.take_along_axis(node_slot, path, axis=1)
+    src = jnp.where(src >= 0, src, jnp.arange(path.shape[1])[None, :])
+    return cache.gather_slots(r.n - 1, src), node_slot
+
+  def propose(self, params, cache: KVCache, r: Round):
+    out = self._root(params, cache, r)
 
     def step(cache, tok):
       o = forward(params, self.draft, tok[:, None], cache)
@@ -58,6 +83,7 @@ class DraftModel:
 
   def __post_init__(self):
     check_k(self.k)
+    object.__setattr__(self, "tree", check_tree(self.tree))
     if not isinstance(self.draft_model, Model):
       raise TypeError(f"DraftModel expects a jaxspec Model, got {type(self.draft_model).__name__}")
 
@@ -73,5 +99,5 @@ class DraftModel:
       if dt.encode(probe) != tt.encode(probe) or tuple(dt.eos_ids) != tuple(tt.eos_ids):
         raise ValueError(f"draft {self.draft_model.name!r} and target {target.name!r} have the "
                          f"same vocabulary size but different tokenizers")
-    spec = DraftModelSpec(k=self.k, target=t, draft=d)
+    spec = DraftModelSpec(k=self.k, target=t, draft=d, tree=self.tree)
     return spec, self.draft_model.params

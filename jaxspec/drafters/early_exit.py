@@ -12,8 +12,9 @@ import dataclasses
 
 from jaxspec.models import Model, forward
 
-from .base import DrafterSpec, Round, check_k, last_tokens
+from .base import DrafterSpec, Round, check_k, check_tree, last_tokens
 from .chain import draft_chain
+from .tree_draft import grow
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,19 @@ class EarlyExitSpec(DrafterSpec):
     cache, tokens, probs = draft_chain(step, cache, first, self.k, r.key, self.mode, r.sp)
     return dstate, cache.rewind(r.n - 1), tokens, probs
 
+  def propose_tree(self, params, dstate, r: Round):
+    tp = r.tparams
+
+    def feed(cache, toks, pos, base, tree_mask):
+      o = forward(tp, self.target, toks, cache, positions=pos, mask_base=base,
+                  tree_mask=tree_mask, n_layers=self.layers)
+      return o.cache, o.logits
+
+    pending = last_tokens(r.seq, r.n, 1)[:, 0]
+    root = forward(tp, self.target, pending[:, None], r.tcache, n_layers=self.layers)
+    cache, arrays, _ = grow(feed, root.cache, root.logits[:, 0], pending, r.n - 1, self.tree)
+    return dstate, cache.rewind(r.n - 1), arrays
+
 
 @dataclasses.dataclass(frozen=True)
 class EarlyExit:
@@ -46,6 +60,7 @@ class EarlyExit:
 
   def __post_init__(self):
     check_k(self.k)
+    object.__setattr__(self, "tree", check_tree(self.tree))
     if not isinstance(self.layers, int) or self.layers < 1:
       raise ValueError(f"EarlyExit layers must be a positive integer, got {self.layers!r}")
 
@@ -53,4 +68,4 @@ class EarlyExit:
     if self.layers >= target.config.n_layers:
       raise ValueError(f"EarlyExit(layers={self.layers}) must use fewer layers than the target "
                        f"has ({target.config.n_layers})")
-    return EarlyExitSpec(k=self.k, target=target.config, layers=self.layers), None
+    return EarlyExitSpec(k=self.k, target=target.config, layers=self.layers, tree=self.tree), None

@@ -10,34 +10,48 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxspec.models import Model
+from jaxspec.trees import Static
 
-from .base import DrafterSpec, Round, check_k, last_tokens
+from .base import DrafterSpec, Round, check_k, check_tree, last_tokens
+
+
+def _match_scores(seq, n, max_ngram: int):
+  """[B, L] score per candidate continuation start (-1: no match). Longer n-grams outrank
+  shorter ones, then later (more recent) matches outrank earlier ones."""
+  b, length = seq.shape
+  pos = jnp.arange(length)
+  score = jnp.full((b, length), -1, jnp.int32)
+  for g in range(1, max_ngram + 1):
+    suffix = last_tokens(seq, n, g)  # [B, g]
+    match = jnp.ones((b, length), bool)
+    for i in range(g):
+      match &= jnp.roll(seq, -i, axis=1) == suffix[:, i:i + 1]  # seq[j + i] == suffix[i]
+    match &= (pos[None, :] + g) < n[:, None]  # a committed continuation, not the suffix itself
+    start = pos[None, :] + g
+    score = jnp.maximum(score, jnp.where(match, g * length + start, -1))
+  return score
+
+
+def lookup_many(seq, n, max_ngram: int, width: int):
+  """Continuation starts [B, width] of the best `width` matches (-1 where there are fewer)."""
+  length = seq.shape[1]
+  best, _ = jax.lax.top_k(_match_scores(seq, n, max_ngram), width)
+  return jnp.where(best >= 0, best % length, -1)
 
 
 def lookup(seq, n, max_ngram: int, k: int):
   """seq [B, L], n [B] -> proposals [B, k] int32 and found [B] bool."""
-  b, length = seq.shape
-  pos = jnp.arange(length)
-  best_start = jnp.full((b,), -1, jnp.int32)  # first continuation index of the chosen match
-  for g in range(max_ngram, 0, -1):  # longest n-gram first; static unroll over n only
-    suffix = last_tokens(seq, n, g)  # [B, g]
-    match = jnp.ones((b, length), bool)
-    for i in range(g):
-      shifted = jnp.roll(seq, -i, axis=1)  # shifted[:, j] = seq[:, j + i]
-      match &= shifted == suffix[:, i:i + 1]
-    # The continuation seq[j + g] must be committed and the match must not be the suffix itself.
-    match &= (pos[None, :] + g) < n[:, None]
-    j = jnp.max(jnp.where(match, pos[None, :], -1), axis=1)
-    start = jnp.where(j >= 0, j + g, -1)
-    best_start = jnp.where((best_start < 0) & (start >= 0), start, best_start)
-  found = best_start >= 0
-  idx = best_start[:, None] + jnp.arange(k)[None, :]
+  start = lookup_many(seq, n, max_ngram, 1)[:, 0]
+  found = start >= 0
+  idx = start[:, None] + jnp.arange(k)[None, :]
   # Past the committed end there is nothing to copy: repeat the last token instead.
   last = last_tokens(seq, n, 1)
-  prop = jnp.take_along_axis(seq, jnp.clip(idx, 0, length - 1), axis=1)
+  prop = jnp.take_along_axis(seq, jnp.clip(idx, 0, seq.shape[1] - 1), axis=1)
   prop = jnp.where(found[:, None] & (idx < n[:, None]), prop, last)
   return prop.astype(jnp.int32), found
 
@@ -50,6 +64,24 @@ class NGramSpec(DrafterSpec):
     tokens, _ = lookup(r.seq, r.n, self.n, self.k)
     return dstate, r.tcache, tokens, None
 
+  def propose_tree(self, params, dstate, r: Round):
+    """Each root child starts a branch following one match (best first); a node at depth d
+    of branch i proposes the d-th token after match i. Extra siblings deeper down repeat
+    their branch (duplicates cost nothing: they are never accepted twice)."""
+    tree = self.tree
+    width = tree.levels[1][1] - tree.levels[1][0]
+    starts = lookup_many(r.seq, r.n, self.n, width)  # [B, width]
+    branch = np.asarray(tree.branch)
+    depth = np.asarray(tree.depths)
+    st = starts[:, branch]  # [B, N]
+    idx = st + jnp.asarray(depth - 1)[None, :]
+    last = last_tokens(r.seq, r.n, 1)
+    ok = (st >= 0) & (idx < r.n[:, None])
+    toks = jnp.where(ok, jnp.take_along_axis(r.seq, jnp.clip(idx, 0, r.seq.shape[1] - 1), 1),
+                     last)
+    toks = toks.at[:, 0].set(last[:, 0])
+    return dstate, r.tcache, tree.arrays(toks)
+
 
 @dataclasses.dataclass(frozen=True)
 class NGram:
@@ -61,8 +93,13 @@ class NGram:
 
   def __post_init__(self):
     check_k(self.k)
+    tree = check_tree(self.tree)
+    if tree is not None and not isinstance(tree, Static):
+      raise ValueError("NGram drafts a Static tree (branches follow different matches); use "
+                       "trees.Static.chains(width, length) or another Static template")
+    object.__setattr__(self, "tree", tree)
     if not isinstance(self.n, int) or not 1 <= self.n <= 16:
       raise ValueError(f"NGram n must be an integer in [1, 16], got {self.n!r}")
 
   def bind(self, target: Model):
-    return NGramSpec(k=self.k, target=target.config, n=self.n), None
+    return NGramSpec(k=self.k, target=target.config, n=self.n, tree=self.tree), None

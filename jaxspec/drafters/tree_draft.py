@@ -1,0 +1,125 @@
+"""Growing a token tree with a draft model (shared by DraftModel and EarlyExit).
+
+`feed(cache, tokens [B, T], positions [B, T], mask_base [B], tree_mask [B?, T, W])` runs the
+drafter's model over T tree nodes written at slots `cache.lengths ..`, each seeing the live
+prefix below `mask_base` and the tree slots its `tree_mask` row allows; it returns
+(cache, logits [B, T, V]). The root (the pending token) sits at slot/position `base` and its
+draft logits are given.
+
+Siblings are the top candidates of their parent's draft distribution, so the proposal is
+deterministic given the context: tree verification then treats each sibling as a one-hot
+draft, which keeps sampling lossless.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxspec import trees
+from jaxspec.trees import Dynamic, Static, TreeArrays
+
+
+def static_tree(feed: Callable, cache, root_logits: jax.Array, pending: jax.Array,
+                base: jax.Array, tree: Static):
+  """Level by level: one forward per depth (the deepest level is never fed).
+
+  Returns (cache, TreeArrays, node_slot [B, N]: each fed node's slot offset from base, or -1)."""
+  b = pending.shape[0]
+  m = tree.max_children
+  anc = tree.ancestor_mask()
+  parents, ranks, levels = np.asarray(tree.parents), np.asarray(tree.ranks), tree.levels
+  cols = [pending[:, None].astype(jnp.int32)]
+  cand, _ = trees.top_candidates(root_logits[:, None], m)  # [B, 1, M]: candidates of level 0
+  prev_start = 0
+  for d in range(1, tree.max_depth + 1):
+    s, e = levels[d]
+    toks = cand[:, parents[s:e] - prev_start, ranks[s:e]]  # [B, e - s]
+    cols.append(toks)
+    if d < tree.max_depth:
+      cache = cache.rewind(base + s)
+      pos = jnp.broadcast_to((base + d)[:, None], (b, e - s))
+      cache, logits = feed(cache, toks, pos, base, jnp.asarray(anc[s:e]))
+      cand, _ = trees.top_candidates(logits, m)
+      prev_start = s
+  tokens = jnp.concatenate(cols, axis=1)
+  fed = np.where(np.asarray(tree.depths) < tree.max_depth, np.arange(tree.n_nodes), -1)
+  node_slot = jnp.broadcast_to(jnp.asarray(fed, jnp.int32), (b, tree.n_nodes))
+  return cache, tree.arrays(tokens), node_slot
+
+
+def dynamic_tree(feed: Callable, cache, root_logits: jax.Array, pending: jax.Array,
+                 base: jax.Array, tree: Dynamic):
+  """EAGLE-2 expansion: a beam of topk nodes fed per step, candidates scored by cumulative
+  draft log-probability, the best nodes - 1 kept (ancestor-closed: a child never outscores its
+  parent, and ties go to the earlier, parent, candidate).
+
+  Returns (cache, TreeArrays, node_slot [B, N])."""
+  b = pending.shape[0]
+  k, depth, n = tree.topk, tree.depth, tree.nodes
+  f_total = tree.n_fed
+  rows = jnp.arange(b)[:, None]
+  tok0, lp0 = trees.top_candidates(root_logits, k)  # [B, K]
+  c_tok, c_score = [tok0], [lp0]
+  c_parent = [jnp.zeros((b, k), jnp.int32)]  # fed index of each candidate's parent
+  c_depth = [jnp.ones((b, k), jnp.int32)]
+  fed_anc = jnp.zeros((b, f_total, f_total), bool).at[:, 0, 0].set(True)
+  front_idx = jnp.broadcast_to(jnp.arange(k), (b, k))  # candidate indices of the beam
+  front_tok, front_score = tok0, lp0
+  cand_of_fed = jnp.zeros((b, f_total), jnp.int32)  # fed index -> candidate index (root: 0)
+  all_parent = c_parent[0]
+  for step in range(1, depth):
+    f0 = 1 + (step - 1) * k
+    fed_ids = f0 + jnp.arange(k)
+    par_f = jnp.take_along_axis(all_parent, front_idx, axis=1)  # [B, K]
+    anc_rows = fed_anc[rows, par_f] | jax.nn.one_hot(fed_ids, f_total, dtype=bool)[None]
+    fed_anc = fed_anc.at[:, f0:f0 + k].set(anc_rows)
+    cand_of_fed = cand_of_fed.at[:, f0:f0 + k].set(front_idx)
+    cache = cache.rewind(base + f0)
+    pos = jnp.broadcast_to((base + step)[:, None], (b, k))
+    cache, logits = feed(cache, front_tok, pos, base, anc_rows)
+    ct, clp = trees.top_candidates(logits, k)  # [B, K, K]
+    score = (front_score[:, :, None] + clp).reshape(b, k * k)
+    offset = sum(x.shape[1] for x in c_tok)
+    c_tok.append(ct.reshape(b, k * k))
+    c_score.append(score)
+    par = jnp.broadcast_to(jnp.repeat(fed_ids, k), (b, k * k)).astype(jnp.int32)
+    c_parent.append(par)
+    c_depth.append(jnp.full((b, k * k), step + 1, jnp.int32))
+    all_parent = jnp.concatenate(c_parent, axis=1)
+    front_score, best = jax.lax.top_k(score, k)
+    front_idx = (offset + best).astype(jnp.int32)
+    front_tok = jnp.take_along_axis(ct.reshape(b, k * k), best, axis=1)
+  tok = jnp.concatenate(c_tok, axis=1)  # [B, C]
+  score = jnp.concatenate(c_score, axis=1)
+  parent_fed = jnp.concatenate(c_parent, axis=1)
+  dep = jnp.concatenate(c_depth, axis=1)
+  n_cand = tok.shape[1]
+  _, sel = jax.lax.top_k(score, n - 1)
+  sel = jnp.sort(sel, axis=1).astype(jnp.int32)  # parents precede children
+  node_of_cand = jnp.zeros((b, n_cand), jnp.int32).at[rows, sel].set(jnp.arange(1, n))
+  selected = jnp.zeros((b, n_cand), bool).at[rows, sel].set(True)
+  pf = jnp.take_along_axis(parent_fed, sel, axis=1)  # [B, N-1]
+  parent_cand = jnp.take_along_axis(cand_of_fed, pf, axis=1)
+  parent_node = jnp.where(pf == 0, 0, jnp.take_along_axis(node_of_cand, parent_cand, axis=1))
+  parent_ok = (pf == 0) | jnp.take_along_axis(selected, parent_cand, axis=1)
+  fed_of_cand = jnp.full((b, n_cand), -1, jnp.int32).at[rows, cand_of_fed[:, 1:]].set(
+      jnp.arange(1, f_total, dtype=jnp.int32))
+  z = jnp.zeros((b, 1), jnp.int32)
+  arrays = TreeArrays(
+      tokens=jnp.concatenate([pending[:, None].astype(jnp.int32),
+                              jnp.take_along_axis(tok, sel, axis=1)], axis=1),
+      parents=jnp.concatenate([z, parent_node], axis=1),
+      depth=jnp.concatenate([z, jnp.take_along_axis(dep, sel, axis=1)], axis=1),
+      valid=jnp.concatenate([jnp.ones((b, 1), bool), parent_ok], axis=1))
+  node_slot = jnp.concatenate([z, jnp.take_along_axis(fed_of_cand, sel, axis=1)], axis=1)
+  return cache, arrays, node_slot
+
+
+def grow(feed, cache, root_logits, pending, base, tree):
+  if isinstance(tree, Static):
+    return static_tree(feed, cache, root_logits, pending, base, tree)
+  return dynamic_tree(feed, cache, root_logits, pending, base, tree)

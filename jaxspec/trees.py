@@ -1,0 +1,292 @@
+"""Token trees as fixed-size padded arrays.
+
+A tree of N nodes is `parents` [B, N] (node 0 is the root, the row's pending token; every other
+node's parent has a smaller index), `tokens` [B, N], `depth` [B, N] and a validity mask. Its
+attention mask is the ancestor-or-self relation, and node i sits at RoPE position
+`row length + depth[i]`. The target verifies all N nodes in one forward; the accepted
+root-to-node path is then moved into contiguous cache slots with one gather per row.
+
+Two kinds of topology, both hashable (jit static arguments):
+  - `Static`: a fixed template (Medusa / Sequoia style), e.g. `Static.from_branching((4, 2, 1))`
+    or `Static.from_acceptance(rates, nodes=32)` built from measured per-rank acceptance rates.
+  - `Dynamic(nodes=16, topk=4, depth=4)`: EAGLE-2 style: a beam of `topk` nodes expanded `depth`
+    times by cumulative draft log-probability, then the best `nodes - 1` candidates kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+
+@struct.dataclass
+class TreeArrays:
+  tokens: jax.Array  # [B, N] int32; tokens[:, 0] is the pending token
+  parents: jax.Array  # [B, N] int32; parents[:, 0] == 0 (the root is its own parent here)
+  depth: jax.Array  # [B, N] int32
+  valid: jax.Array  # [B, N] bool; invalid nodes are never accepted
+
+
+@dataclasses.dataclass(frozen=True)
+class Static:
+  """A fixed tree topology. `parents[0] == -1`; nodes are numbered level by level."""
+
+  parents: tuple[int, ...]
+
+  def __post_init__(self):
+    p = tuple(int(x) for x in self.parents)
+    object.__setattr__(self, "parents", p)
+    if len(p) < 2 or p[0] != -1:
+      raise ValueError(f"a tree needs a root (parents[0] == -1) and at least one more node, "
+                       f"got parents={p}")
+    depth = [0]
+    for i, q in enumerate(p[1:], 1):
+      if not 0 <= q < i:
+        raise ValueError(f"tree node {i} has parent {q}; parents must precede their children")
+      depth.append(depth[q] + 1)
+    if any(b < a for a, b in zip(depth, depth[1:])):
+      raise ValueError("tree nodes must be numbered level by level (depths non-decreasing)")
+    if len(p) > 256:
+      raise ValueError(f"tree has {len(p)} nodes; at most 256 are supported")
+
+  # Constructors --------------------------------------------------------------------------
+  @classmethod
+  def from_branching(cls, branching: Sequence[int]) -> "Static":
+    """Every node at depth d gets branching[d] children: (3, 2) is 1 + 3 + 6 nodes."""
+    if not branching or any(int(b) < 1 for b in branching):
+      raise ValueError(f"branching must be a non-empty list of positive ints, got {branching!r}")
+    parents, level = [-1], [0]
+    for b in branching:
+      nxt = []
+      for u in level:
+        for _ in range(int(b)):
+          parents.append(u)
+          nxt.append(len(parents) - 1)
+      level = nxt
+    return cls(tuple(parents))
+
+  @classmethod
+  def chains(cls, width: int, length: int) -> "Static":
+    """`width` independent chains of `length` tokens from the root."""
+    if width < 1 or length < 1:
+      raise ValueError(f"chains needs width >= 1 and length >= 1, got {width}, {length}")
+    parents = [-1] + [0] * width
+    last = list(range(1, width + 1))
+    for _ in range(length - 1):
+      nxt = []
+      for u in last:
+        parents.append(u)
+        nxt.append(len(parents) - 1)
+      last = nxt
+    return cls(tuple(parents))
+
+  @classmethod
+  def from_acceptance(cls, rates, nodes: int, max_depth: int = 16) -> "Static":
+    """The tree of `nodes` nodes maximising the expected number of accepted tokens when the
+    child of rank r (at depth d) is accepted with probability rates[d][r] (or rates[r] at every
+    depth), independently along a path: best-first growth, optimal for this model (a path's
+    probability only falls as it grows), as in Sequoia's construction.
+    """
+    r = np.asarray(rates, np.float64)
+    if r.ndim == 1:
+      r = np.tile(r, (max_depth, 1))
+    if r.ndim != 2 or r.size == 0 or np.any(r < 0) or np.any(r > 1):
+      raise ValueError("rates must be probabilities: a list per rank, or per depth and rank")
+    if nodes < 2:
+      raise ValueError(f"nodes must be >= 2, got {nodes}")
+    # Candidates on a heap: (-path probability, tie, parent, depth, rank, parent's probability).
+    parents, depth, tie = [-1], [0], 0
+    heap = [(-r[0][0], 0, 0, 1, 0, 1.0)]
+    while heap and len(parents) < nodes:
+      negp, _, par, d, rank, par_p = heapq.heappop(heap)
+      parents.append(par)
+      depth.append(d)
+      me = len(parents) - 1
+      if rank + 1 < r.shape[1]:  # the next sibling
+        tie += 1
+        heapq.heappush(heap, (-par_p * r[d - 1][rank + 1], tie, par, d, rank + 1, par_p))
+      if d < min(max_depth, r.shape[0]):  # the first child
+        tie += 1
+        heapq.heappush(heap, (negp * r[d][0], tie, me, d + 1, 0, -negp))
+    # Renumber level by level (stable), remapping parents.
+    order = sorted(range(len(parents)), key=lambda i: (depth[i], i))
+    new = {old: i for i, old in enumerate(order)}
+    return cls(tuple(-1 if i == 0 else new[parents[old]] for i, old in enumerate(order)))
+
+  # Derived (static) facts ----------------------------------------------------------------
+  @property
+  def n_nodes(self) -> int:
+    return len(self.parents)
+
+  @property
+  def depths(self) -> tuple[int, ...]:
+    d = [0]
+    for q in self.parents[1:]:
+      d.append(d[q] + 1)
+    return tuple(d)
+
+  @property
+  def max_depth(self) -> int:
+    return max(self.depths)
+
+  @property
+  def max_children(self) -> int:
+    return max(self.parents[1:].count(u) for u in range(self.n_nodes))
+
+  @property
+  def ranks(self) -> tuple[int, ...]:
+    """Each node's index among its siblings."""
+    seen: dict[int, int] = {}
+    out = [0]
+    for q in self.parents[1:]:
+      out.append(seen.get(q, 0))
+      seen[q] = seen.get(q, 0) + 1
+    return tuple(out)
+
+  @property
+  def levels(self) -> tuple[tuple[int, int], ...]:
+    """(start, end) node ranges of each depth."""
+    d = self.depths
+    return tuple((d.index(x), len(d) - d[::-1].index(x)) for x in range(self.max_depth + 1))
+
+  @property
+  def branch(self) -> tuple[int, ...]:
+    """For each node, the rank of its depth-1 ancestor (0 for the root)."""
+    out = [0]
+    for i, q in enumerate(self.parents[1:], 1):
+      out.append(self.ranks[i] if q == 0 else out[q])
+    return tuple(out)
+
+  def ancestor_mask(self) -> np.ndarray:
+    n = self.n_nodes
+    m = np.eye(n, dtype=bool)
+    for i in range(1, n):
+      m[i] |= m[self.parents[i]]
+    return m
+
+  @property
+  def footprint(self) -> int:
+    """Cache slots one round touches past the committed length."""
+    return self.n_nodes
+
+  def arrays(self, tokens: jax.Array) -> TreeArrays:
+    b = tokens.shape[0]
+    par = jnp.asarray(np.maximum(np.asarray(self.parents), 0), jnp.int32)
+    dep = jnp.asarray(self.depths, jnp.int32)
+    return TreeArrays(tokens=tokens.astype(jnp.int32),
+                      parents=jnp.broadcast_to(par, (b, self.n_nodes)),
+                      depth=jnp.broadcast_to(dep, (b, self.n_nodes)),
+                      valid=jnp.ones((b, self.n_nodes), bool))
+
+
+@dataclasses.dataclass(frozen=True)
+class Dynamic:
+  """EAGLE-2 style tree: expand the `topk` best frontier nodes `depth` times, keep the
+  `nodes - 1` best candidates by cumulative draft log-probability (the root makes `nodes`)."""
+
+  nodes: int = 16
+  topk: int = 4
+  depth: int = 4
+
+  def __post_init__(self):
+    for name in ("nodes", "topk", "depth"):
+      v = getattr(self, name)
+      if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"Dynamic tree {name} must be a positive integer, got {v!r}")
+    if self.nodes < 2 or self.nodes > 256:
+      raise ValueError(f"Dynamic tree nodes must be in [2, 256], got {self.nodes}")
+    if self.nodes - 1 > self.n_candidates:
+      raise ValueError(f"Dynamic(nodes={self.nodes}, topk={self.topk}, depth={self.depth}) "
+                       f"can only produce {self.n_candidates + 1} nodes; raise topk or depth")
+
+  @property
+  def n_candidates(self) -> int:
+    return self.topk + (self.depth - 1) * self.topk * self.topk
+
+  @property
+  def n_nodes(self) -> int:
+    return self.nodes
+
+  @property
+  def max_depth(self) -> int:
+    return self.depth
+
+  @property
+  def max_children(self) -> int:
+    return self.topk
+
+  @property
+  def n_fed(self) -> int:
+    """Nodes the drafter runs through its model: the root and depth - 1 beams of topk."""
+    return 1 + (self.depth - 1) * self.topk
+
+  @property
+  def footprint(self) -> int:
+    return max(self.nodes, self.n_fed)
+
+
+Tree = Static | Dynamic
+
+
+def check_tree(tree) -> Tree | None:
+  if tree is None or isinstance(tree, (Static, Dynamic)):
+    return tree
+  if isinstance(tree, int) and not isinstance(tree, bool):
+    return Dynamic(nodes=tree)
+  raise ValueError(f"tree must be None, a node budget (int), jaxspec.trees.Static or "
+                   f"jaxspec.trees.Dynamic, got {tree!r}")
+
+
+# Array helpers shared by drafters and the verifier ---------------------------------------
+
+def ancestor_mask(parents: jax.Array, max_depth: int) -> jax.Array:
+  """parents [B, N] (root's parent = 0) -> [B, N, N]: mask[b, i, j] = j is i or an ancestor."""
+  b, n = parents.shape
+  mask = jnp.broadcast_to(jnp.eye(n, dtype=bool), (b, n, n))
+  cur = jnp.broadcast_to(jnp.arange(n), (b, n))
+  for _ in range(max_depth):
+    cur = jnp.take_along_axis(parents, cur, axis=1)
+    mask = mask | jax.nn.one_hot(cur, n, dtype=bool)
+  return mask
+
+
+def children_table(parents: jax.Array, valid: jax.Array, max_children: int) -> jax.Array:
+  """[B, N, M]: the valid children of each node in index order, -1 padded."""
+  b, n = parents.shape
+  idx = jnp.arange(n)
+  is_child = (parents[:, None, :] == idx[None, :, None]) & (idx[None, None, :] > 0) & valid[:, None, :]
+  rank = jnp.cumsum(is_child, axis=2) - 1  # [B, parent, child]
+  slot = jnp.where(is_child, rank, max_children)  # out-of-range slots are dropped
+  table = jnp.full((b, n, max_children + 1), -1, jnp.int32)
+  bb = jnp.arange(b)[:, None, None]
+  pp = idx[None, :, None]
+  cc = jnp.broadcast_to(idx[None, None, :], (b, n, n))
+  table = table.at[bb, pp, slot].max(jnp.where(is_child, cc, -1))
+  return table[:, :, :max_children]
+
+
+def path_to(parents: jax.Array, depth: jax.Array, node: jax.Array, max_depth: int) -> jax.Array:
+  """[B, D+1]: path[b, d] = the depth-d ancestor of `node[b]`; entries past its depth repeat
+  their index (harmless identity moves when committing)."""
+  b = parents.shape[0]
+  out = jnp.broadcast_to(jnp.arange(max_depth + 1), (b, max_depth + 1))
+  cur = node
+  rows = jnp.arange(b)
+  for _ in range(max_depth + 1):
+    d = jnp.take_along_axis(depth, cur[:, None], axis=1)[:, 0]
+    out = out.at[rows, d].set(cur)
+    cur = jnp.take_along_axis(parents, cur[:, None], axis=1)[:, 0]
+  return out
+
+
+def top_candidates(logits: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
+  """Top-m tokens [..., m] and their log-probabilities under softmax(logits)."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  vals, toks = jax.lax.top_k(logp, m)
+  return toks.astype(jnp.int32), vals
