@@ -1,4 +1,7 @@
-"""The `jaxspec` command: generate | bench."""
+"""The `jaxspec` command: generate | bench.
+
+Bad input ends in one line on stderr (`jaxspec: error: ...`) and exit status 2.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +15,31 @@ EXAMPLES = """examples:
   jaxspec bench --limit 2 --max-new-tokens 64
 """
 
+GENERATE_EXAMPLES = """examples:
+  jaxspec generate "Once upon a time"
+  jaxspec generate "Once upon a time" --drafter early-exit:4 --k 4 --max-new-tokens 64
+  jaxspec generate "Once upon a time" --drafter ngram:3 --temperature 0.8 --top-p 0.95
+  jaxspec generate --model path/to/hf_dir --drafter draft:path/to/small_hf_dir --chat "Hi!"
+  jaxspec generate --model SmolLM2-135M-Instruct.Q4_1.gguf --chat "What is the capital of France?"
+
+Output streams as it is committed when stdout is a terminal (--no-stream: print at the end,
+with stats on stderr).
+"""
+
+BENCH_EXAMPLES = """examples:
+  jaxspec bench --limit 2                      # plain, ngram and early exit on Spec-Bench prompts
+  jaxspec bench --drafters ngram,early-exit:4 --k 8 --out -
+  jaxspec bench --model SmolLM2-135M-Instruct.Q4_1.gguf --chat --categories qa,rag --limit 4
+  jaxspec bench --prompts my_prompts.jsonl --out docs/benchmarks.md
+"""
+
+
+def _int_arg(what: str, arg: str, example: str) -> int:
+  try:
+    return int(arg)
+  except ValueError:
+    raise ValueError(f"--drafter {what} needs an integer, got {arg!r} (e.g. {example})") from None
+
 
 def parse_drafter(spec: str | None, k: int, tree=None):
   """'ngram[:N]' | 'early-exit:L' | 'draft:SRC' -> a drafter object (None for 'none')."""
@@ -21,16 +49,17 @@ def parse_drafter(spec: str | None, k: int, tree=None):
     return None
   name, _, arg = spec.partition(":")
   if name == "ngram":
-    return drafters.NGram(n=int(arg) if arg else 3, k=k, tree=tree)
+    return drafters.NGram(n=_int_arg("ngram:N", arg, "ngram:3") if arg else 3, k=k, tree=tree)
   if name in ("early-exit", "early_exit", "earlyexit"):
     if not arg:
-      raise SystemExit("--drafter early-exit needs a layer count, e.g. early-exit:4")
-    return drafters.EarlyExit(layers=int(arg), k=k, tree=tree)
+      raise ValueError("--drafter early-exit needs a layer count, e.g. early-exit:4")
+    return drafters.EarlyExit(layers=_int_arg("early-exit:L", arg, "early-exit:4"), k=k,
+                              tree=tree)
   if name == "draft":
     if not arg:
-      raise SystemExit("--drafter draft needs a model, e.g. draft:stories260K")
+      raise ValueError("--drafter draft needs a model, e.g. draft:stories260K")
     return drafters.DraftModel(load_model(arg), k=k, tree=tree)
-  raise SystemExit(f"unknown drafter {spec!r} (ngram[:N], early-exit:L, draft:SRC)")
+  raise ValueError(f"unknown drafter {spec!r} (none, ngram[:N], early-exit:L, draft:SRC)")
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
@@ -53,20 +82,29 @@ def cmd_generate(a) -> int:
   drafter = parse_drafter(a.drafter, a.k)
   prompt = a.prompt
   if a.chat:
+    if model.tokenizer is None or not getattr(model.tokenizer, "chat_template", None):
+      raise ValueError(f"--chat needs a chat template, but {model.name} is a base model (its "
+                       f"tokenizer has none); drop --chat to continue the prompt as plain text")
     prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                                  tokenize=True)
   kw = dict(drafter=drafter, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
             top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+  if a.stream is None:
+    a.stream = sys.stdout.isatty()
   if a.stream:
+    if not a.chat:
+      sys.stdout.write(prompt)
     for piece in jaxspec.stream(model, prompt, **kw):
       sys.stdout.write(piece)
       sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
   out = jaxspec.generate(model, [prompt], **kw)
-  if not a.chat and isinstance(prompt, str):
-    sys.stdout.write(prompt)
-  print(out.texts[0])
+  if a.chat:
+    print(out.texts[0])
+  else:  # decode prompt and output together, so the word boundary between them is kept
+    ids = model.tokenizer.encode(prompt)
+    print(prompt + model.tokenizer.decode(ids + out.tokens[0])[len(model.tokenizer.decode(ids)):])
   print(f"[{model.name}, drafter={a.drafter or 'none'}] {out.stats.summary()}", file=sys.stderr)
   return 0
 
@@ -82,14 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
       prog="jaxspec", description="Speculative decoding in one compiled JAX program.",
       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="cmd", required=True)
-  g = sub.add_parser("generate", help="generate text (plain or speculative)", epilog=EXAMPLES,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+  g = sub.add_parser("generate", help="generate text (plain or speculative)",
+                     epilog=GENERATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
   g.add_argument("prompt", nargs="?", default="Once upon a time")
   _add_sampling(g)
   g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-  g.add_argument("--stream", action="store_true", help="print text as it is committed")
+  g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                 help="print text as it is committed (default: when stdout is a terminal)")
   g.set_defaults(fn=cmd_generate)
-  b = sub.add_parser("bench", help="plain decoding and every drafter side by side")
+  b = sub.add_parser("bench", help="plain decoding and every drafter side by side",
+                     epilog=BENCH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
   from jaxspec import bench
   bench.add_arguments(b)
   b.set_defaults(fn=cmd_bench)
@@ -100,9 +140,14 @@ def main(argv=None) -> int:
   a = build_parser().parse_args(argv)
   try:
     return a.fn(a)
-  except (ValueError, FileNotFoundError, NotImplementedError) as e:
-    print(f"jaxspec: error: {e}", file=sys.stderr)
+  except (ValueError, TypeError, OSError, NotImplementedError, FloatingPointError) as e:
+    # One clean line for bad input (missing files, bad values, unsupported models), no traceback.
+    msg = " ".join(str(e).split()) or type(e).__name__
+    print(f"jaxspec: error: {msg}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    print("jaxspec: interrupted", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":
