@@ -20,3 +20,5 @@ def load_model(source, *, dtype=None, mesh=None, progress: bool = True) -> Model
 
 __all__ = ["Model", "ModelConfig", "Result", "Stats", "drafters", "generate", "load_model", "logits",
            "save_checkpoint", "stream"]
+
+from jaxspec import train  # noqa: E402

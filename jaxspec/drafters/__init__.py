@@ -7,3 +7,8 @@ from .ngram import NGram
 from .oracle import Oracle
 
 __all__ = ["DraftModel", "DrafterSpec", "EarlyExit", "NGram", "NoDraft", "Oracle", "Round"]
+
+from .eagle import Eagle, EagleConfig, EagleHead  # noqa: E402
+from .medusa import Medusa, MedusaConfig, MedusaHeads  # noqa: E402
+
+__all__ += ["Eagle", "EagleConfig", "EagleHead", "Medusa", "MedusaConfig", "MedusaHeads"]

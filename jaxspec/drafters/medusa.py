@@ -1,0 +1,151 @@
+"""`Medusa`: k residual heads over the target's last feature (Cai et al., 2024), trained by
+`jaxspec.train`.
+
+Head i (i = 0 .. k-1) maps the target feature f_t (its residual stream before the final norm,
+`Output.hidden`), whose own next token x_{t+1} the target predicts, to the token x_{t+2+i}:
+`layers` residual blocks h <- h + SiLU(W h + b), then the target's own head (final norm + LM
+head), so a head costs D*D parameters, not D*V.
+
+In the compiled loop the state is one feature per row: `hidden[b, prompt_lens[b] - 1]` after
+prefill, `hidden[b, n_acc[b]]` after each verify pass (the feature whose next token is the new
+pending token). All k proposals come from one evaluation of the heads: argmax when greedy, a
+sample (with its distribution, for lossless rejection sampling) otherwise. The proposals of
+head i do not depend on the other drafts, so the marginal of head i is a valid draft
+distribution. `logits` returns every head's full distribution, so a top-k-per-depth token tree
+(the Medusa tree) can be built from it later; chains only for now.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+
+from jaxspec import sampling
+from jaxspec.models import Model, ModelConfig, head
+
+from .base import DrafterSpec, Round, check_k
+from .eagle import _check_shapes, _pick, check_target, load_checkpoint, resolve_head
+
+KIND = "medusa"
+
+
+@dataclasses.dataclass(frozen=True)
+class MedusaConfig:
+  """Shape of a set of Medusa heads: the target config they were trained for."""
+
+  target: ModelConfig
+  n_heads: int = 4
+  layers: int = 1  # residual blocks per head
+
+
+def param_shapes_medusa(config: MedusaConfig) -> dict:
+  h, l, d = config.n_heads, config.layers, config.target.dim
+  return {"w": (h, l, d, d), "b": (h, l, d)}
+
+
+def init_params(config: MedusaConfig, seed: int = 0) -> dict:
+  """Zero blocks (Medusa's init): every head starts as the target's own next-token head."""
+  del seed
+  return jax.tree.map(lambda s: jnp.zeros(s, jnp.float32), param_shapes_medusa(config),
+                      is_leaf=lambda s: isinstance(s, tuple))
+
+
+def features(params, h: jax.Array) -> jax.Array:
+  """h [..., D] -> per-head features [..., H, D]."""
+  w, b = params["w"], params["b"]
+  x = jnp.broadcast_to(h[..., None, :], h.shape[:-1] + (w.shape[0], h.shape[-1])).astype(w.dtype)
+  for l in range(w.shape[1]):
+    x = x + jax.nn.silu(jnp.einsum("...HD,HDE->...HE", x, w[:, l]) + b[:, l])
+  return x
+
+
+def logits(params, tparams, target: ModelConfig, h: jax.Array) -> jax.Array:
+  """h [B, D] -> float32 logits [B, H, V] of tokens +2 .. +H+1 beyond h's position."""
+  return head(tparams, target, features(params, h))
+
+
+# ------------------------------------------------------------------------------- loop spec
+
+
+@dataclasses.dataclass(frozen=True)
+class MedusaSpec(DrafterSpec):
+  head: MedusaConfig | None = None
+
+  @property
+  def draft_forwards(self) -> int:
+    return 1  # one evaluation of the heads per round
+
+  def init(self, params, tparams, prompt, prompt_lens, cache_size, hidden):
+    return _pick(hidden, prompt_lens - 1)  # [B, D]
+
+  def propose(self, params, feat, r: Round):
+    sub = jax.tree.map(lambda x: x[:self.k], params)  # the first k heads
+    lg = logits(sub, r.tparams, self.target, feat)  # [B, k, V]
+    tokens, probs = sampling.sample(r.key, lg, self.mode, r.sp)
+    return feat, r.tcache, tokens, probs
+
+  def commit(self, params, feat, r: Round, n_new, n_acc, hidden):
+    return _pick(hidden, n_acc)
+
+
+# ------------------------------------------------------------------------------ user objects
+
+
+@dataclasses.dataclass(eq=False)
+class MedusaHeads:
+  """Trained Medusa heads (`jaxspec.train.train_drafter(kind="medusa")`)."""
+
+  params: dict
+  config: MedusaConfig
+  kind: str = KIND
+  name: str = "medusa"
+  meta: dict = dataclasses.field(default_factory=dict)
+
+  @classmethod
+  def load(cls, path: str | os.PathLike, *, dtype=None) -> "MedusaHeads":
+    """Loads heads saved by `save` / `jaxspec.save_checkpoint` (or a training `out_dir`)."""
+    ckpt = load_checkpoint(path, KIND, dtype=dtype)
+    return cls(params=ckpt.params, config=ckpt.config, name=ckpt.name or "medusa",
+               meta=ckpt.meta)
+
+  def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> str:
+    from jaxspec import checkpoint
+    return checkpoint.save(self, path, meta=self.meta, overwrite=overwrite)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Medusa:
+  """Drafts k tokens at once with trained Medusa heads (k <= the number of heads).
+
+  Args:
+    heads: a `MedusaHeads` (from `jaxspec.train.train_drafter(kind="medusa")` or
+      `MedusaHeads.load(path)`), a `jaxspec.checkpoint.load_head` result, or a checkpoint path.
+    k: tokens proposed per round (the first k heads).
+    tree: token-tree spec; not supported yet for Medusa (chains only).
+  """
+
+  heads: object
+  k: int = 4
+  tree: object = None
+
+  def __post_init__(self):
+    check_k(self.k)
+    if self.tree is not None:
+      raise NotImplementedError("token trees are not supported by Medusa yet; use tree=None")
+    h = resolve_head(self.heads, MedusaHeads, KIND)
+    object.__setattr__(self, "heads", h)
+    if isinstance(h.config, MedusaConfig) and self.k > h.config.n_heads:
+      raise ValueError(f"Medusa k={self.k} needs at least k heads; these have "
+                       f"{h.config.n_heads} (train with k={self.k} or use a smaller k)")
+
+  def bind(self, target: Model):
+    h = self.heads
+    if not isinstance(h.config, MedusaConfig):
+      raise ValueError(f"Medusa heads {h.name!r} have no usable config ({h.config!r})")
+    check_target("Medusa", h.config, target)
+    _check_shapes("Medusa", h.params, param_shapes_medusa(h.config))
+    params = jax.tree.map(lambda x: jnp.asarray(x, target.dtype), h.params)
+    return MedusaSpec(k=self.k, target=target.config, head=h.config), params

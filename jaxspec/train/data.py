@@ -1,0 +1,224 @@
+"""Self-distillation data: the target's own generations and its features, cached as .npy.
+
+Prompts come from a JSONL file (lines with "prompt", "text" or "turns"), a text file (one prompt
+per non-empty line) or a built-in set (story openings for TinyStories models such as
+stories260K, the bundled Spec-Bench questions otherwise). The target continues every prompt
+with `jaxspec.generate` (greedy, plus sampled copies), and one `forward` over prompt +
+generation records the target's features (the residual stream before the final norm) at every
+position. The target's distributions are recomputed from the features by its head (one matmul)
+when training, so only tokens, lengths and features are stored:
+
+    out_dir/data/tokens.npy  int32 [N, T]   prompt + generation, zero padded
+    out_dir/data/lens.npy    int32 [N]      valid positions per row
+    out_dir/data/feats.npy   float32 [N, T, D]
+    out_dir/data/meta.json   what made them (reused when it matches)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_NAMES = ["Lily", "Tom", "Ben", "Mia", "Sam", "Anna", "Max", "Sue", "Tim", "Lucy", "Jack",
+          "Sara", "Bob", "Amy", "Joe", "Kate", "Ben", "Zoe", "Leo", "Ella"]
+_WHO = ["girl", "boy", "dog", "cat", "bird", "bunny", "bear", "fish", "frog", "duck", "mouse",
+        "lion", "car", "tree", "princess"]
+_TEMPLATES = [
+    "Once upon a time, there was a little {who} named {name}.",
+    "One day, a {who} named {name} went to the park.",
+    "{name} was a happy {who}. Every day,",
+    "Once upon a time, in a big forest, there lived a {who}.",
+    "{name} and the {who} were best friends. One day,",
+    "There was a small {who} who loved to play.",
+    "{name} saw a big {who} in the garden.",
+    "Once upon a time, {name} found a shiny",
+]
+
+
+def story_prompts() -> list[str]:
+  """Simple TinyStories-style openings (a few hundred distinct ones)."""
+  out = []
+  for t in _TEMPLATES:
+    for who in _WHO:
+      names = _NAMES if "{name}" in t else _NAMES[:1]
+      for name in names:
+        out.append(t.format(who=who, name=name))
+  return list(dict.fromkeys(out))
+
+
+def spec_bench_prompts() -> list[str]:
+  path = resources.files("jaxspec") / "_data" / "spec_bench" / "question.jsonl"
+  with path.open() as f:
+    return [json.loads(line)["turns"][0] for line in f if line.strip()]
+
+
+def _is_stories(model) -> bool:
+  return str(model.name).lower().startswith("stories")
+
+
+def read_prompts(path: str) -> list[tuple[str, str]]:
+  """(kind, text) pairs: kind "chat" for prompt/turns entries, "text" for raw text."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"training data file not found: {path}")
+  out = []
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().splitlines()
+  jsonl = path.endswith((".jsonl", ".json")) or (lines and lines[0].lstrip().startswith("{"))
+  for i, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    if not jsonl:
+      out.append(("text", line))
+      continue
+    try:
+      q = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}:{i}: not a JSON line ({e})") from None
+    if isinstance(q, dict) and isinstance(q.get("prompt"), str):
+      out.append(("chat", q["prompt"]))
+    elif isinstance(q, dict) and isinstance(q.get("turns"), list) and q["turns"]:
+      out.append(("chat", str(q["turns"][0])))
+    elif isinstance(q, dict) and isinstance(q.get("text"), str):
+      out.append(("text", q["text"]))
+    else:
+      raise ValueError(f"{path}:{i}: expected an object with a 'prompt', 'text' or 'turns' field")
+  if not out:
+    raise ValueError(f"{path}: no prompts found")
+  return out
+
+
+def encode_prompts(model, data: str | None, max_len: int) -> list[list[int]]:
+  """Token ids of every prompt, at most `max_len` tokens (chat prompts keep their tail, so
+  the assistant header survives; raw text keeps its head)."""
+  tok = model.tokenizer
+  if tok is None:
+    raise ValueError(f"{model.name!r} has no tokenizer; training data needs one")
+  if data is None:
+    items = ([("text", p) for p in story_prompts()] if _is_stories(model)
+             else [("chat", p) for p in spec_bench_prompts()])
+  else:
+    items = read_prompts(data)
+  out = []
+  for kind, text in items:
+    if kind == "chat" and getattr(tok, "chat_template", None):
+      ids = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=True)
+      ids = ids[-max_len:]
+    else:
+      ids = tok.encode(text)[:max_len]
+    if ids:
+      out.append([int(t) for t in ids])
+  return out
+
+
+def split_prompts(prompts: list[list[int]], *, seed: int, n_train: int | None, n_eval: int):
+  """Seeded shuffle; the last n_eval prompts are held out (never trained on)."""
+  order = np.random.default_rng([seed, 7]).permutation(len(prompts))
+  shuffled = [prompts[i] for i in order]
+  if len(shuffled) < n_eval + 1:
+    raise ValueError(f"need more than {n_eval} prompts (have {len(shuffled)})")
+  held = shuffled[len(shuffled) - n_eval:] if n_eval else []
+  train = shuffled[:len(shuffled) - n_eval]
+  if n_train is not None:
+    train = train[:n_train]
+  return train, held
+
+
+@dataclass
+class Dataset:
+  tokens: np.ndarray  # [N, T] int32
+  lens: np.ndarray  # [N] int32
+  feats: np.ndarray  # [N, T, D] float32 (memory-mapped)
+
+  def __len__(self) -> int:
+    return self.tokens.shape[0]
+
+  def batch(self, seed: int, step: int, size: int):
+    """Batch `step`: a pure function of (seed, step), so a resumed run sees the same data."""
+    rng = np.random.default_rng([seed, step])
+    idx = np.sort(rng.choice(len(self), size, replace=len(self) < size))
+    return (jnp.asarray(self.tokens[idx]), jnp.asarray(self.lens[idx]),
+            jnp.asarray(np.asarray(self.feats[idx], np.float32)))
+
+
+_hidden_jit = jax.jit(lambda params, cfg, ids: _hidden(params, cfg, ids), static_argnums=1)
+
+
+def _hidden(params, cfg, ids):
+  from jaxspec.models import forward
+  return forward(params, cfg, ids, logits=False).hidden.astype(jnp.float32)
+
+
+def _fingerprint(prompts) -> str:
+  h = hashlib.sha256()
+  for p in prompts:
+    h.update(np.asarray(p, np.int32).tobytes() + b"|")
+  return h.hexdigest()[:16]
+
+
+def build(model, prompts: list[list[int]], folder: str, *, seq_len: int, samples: int,
+          temperature: float, seed: int, gen_batch: int = 32, progress: bool = True) -> Dataset:
+  """Generates (or reuses) the self-distillation set for `prompts` in `folder`."""
+  import jaxspec
+  from tqdm.auto import tqdm
+
+  c = model.config
+  meta = {"model": str(model.name), "dim": c.dim, "vocab": c.vocab_size, "layers": c.n_layers,
+          "seq_len": seq_len, "samples": samples, "temperature": temperature, "seed": seed,
+          "prompts": _fingerprint(prompts), "n_prompts": len(prompts), "version": 1}
+  meta_file = os.path.join(folder, "meta.json")
+  files = {k: os.path.join(folder, f"{k}.npy") for k in ("tokens", "lens", "feats")}
+  if os.path.exists(meta_file) and all(os.path.exists(f) for f in files.values()):
+    with open(meta_file) as f:
+      if json.load(f) == meta:
+        return Dataset(np.load(files["tokens"]), np.load(files["lens"]),
+                       np.load(files["feats"], mmap_mode="r"))
+  os.makedirs(folder, exist_ok=True)
+  if os.path.exists(meta_file):
+    os.remove(meta_file)
+
+  longest = max(len(p) for p in prompts)
+  if longest >= seq_len:
+    raise ValueError(f"prompts of {longest} tokens leave no room in seq_len={seq_len}")
+  max_new = min(seq_len - longest, c.max_seq_len - longest)
+  n = len(prompts) * samples
+  tokens = np.zeros((n, seq_len), np.int32)
+  lens = np.zeros((n,), np.int32)
+  jobs = [(s, i) for s in range(samples) for i in range(0, len(prompts), gen_batch)]
+  bar = tqdm(total=n, desc="generating training data", unit="seq", disable=not progress)
+  row = 0
+  for s, i in jobs:
+    chunk = prompts[i:i + gen_batch]
+    temp = 0.0 if s == 0 else temperature
+    out = jaxspec.generate(model, chunk, max_new_tokens=max_new, temperature=temp,
+                           seed=seed * 1000003 + s * 7919 + i)
+    for p, new in zip(chunk, out.tokens):
+      seq = (p + new)[:seq_len]
+      tokens[row, :len(seq)] = seq
+      lens[row] = len(seq)
+      row += 1
+    bar.update(len(chunk))
+  bar.close()
+
+  feats = np.lib.format.open_memmap(files["feats"] + ".tmp", mode="w+", dtype=np.float32,
+                                    shape=(n, seq_len, c.dim))
+  for i in range(0, n, gen_batch):
+    ids = np.zeros((gen_batch, seq_len), np.int32)
+    part = tokens[i:i + gen_batch]
+    ids[:len(part)] = part
+    h = np.asarray(_hidden_jit(model.params, c, jnp.asarray(ids)))
+    feats[i:i + len(part)] = h[:len(part)]
+  feats.flush()
+  del feats
+  os.replace(files["feats"] + ".tmp", files["feats"])
+  np.save(files["tokens"], tokens)
+  np.save(files["lens"], lens)
+  with open(meta_file, "w") as f:
+    json.dump(meta, f)  # written last: its presence marks a complete set
+  return Dataset(tokens, lens, np.load(files["feats"], mmap_mode="r"))

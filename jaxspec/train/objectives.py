@@ -1,0 +1,167 @@
+"""What each drafter kind trains and how it turns into a drafter.
+
+Every objective is a frozen dataclass (a jit static argument) with
+  init(model, seed) -> params                     trainable parameters
+  loss(params, tparams, tokens, lens, feats, key) -> (loss, metrics)
+  result(model, params, meta) -> head object      what train_drafter returns and saves
+  drafter(model, params, k) -> a jaxspec drafter  for the held-out tau during training
+
+Data: tokens [B, T], lens [B] (positions t < lens are valid), feats [B, T, D] (the target's
+features f_t); the target's distribution of x_{t+1} is softmax(head(f_t)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxspec.drafters import eagle, medusa
+from jaxspec.models import Model, ModelConfig, forward, head
+
+
+def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+  m = mask.astype(jnp.float32)
+  return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def _soft_ce(target_logits: jax.Array, logits: jax.Array) -> jax.Array:
+  """Cross-entropy of softmax(logits) against the target's distribution: [...]."""
+  p = jax.nn.softmax(target_logits, axis=-1)
+  return -jnp.sum(p * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+
+
+def _agree(target_logits: jax.Array, logits: jax.Array) -> jax.Array:
+  return (jnp.argmax(target_logits, -1) == jnp.argmax(logits, -1)).astype(jnp.float32)
+
+
+def _smooth_l1(x: jax.Array) -> jax.Array:
+  a = jnp.abs(x)
+  return jnp.where(a < 1.0, 0.5 * x * x, a - 0.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class EagleObjective:
+  """Feature regression (smooth L1, f_{t+1}) + token cross-entropy against the target's
+  distribution of x_{t+2}, read out through the target's head (EAGLE's loss)."""
+
+  target: ModelConfig
+  head: eagle.EagleConfig
+  reg_weight: float = 1.0
+  ce_weight: float = 0.1
+  noise: float = 0.0  # uniform input-feature noise, relative to each feature's RMS
+
+  def init(self, model: Model, seed: int):
+    return eagle.init_params(self.head, seed)
+
+  def loss(self, params, tparams, tokens, lens, feats, key):
+    t = tokens.shape[1]
+    f_in, f_out = feats[:, :-1], feats[:, 1:]
+    if self.noise:
+      rms = jnp.sqrt(jnp.mean(f_in * f_in, axis=-1, keepdims=True))
+      f_in = f_in + self.noise * rms * jax.random.uniform(key, f_in.shape, minval=-1, maxval=1)
+    g, _ = eagle.step(params, tparams, self.head, f_in, tokens[:, 1:])
+    g = g.astype(jnp.float32)
+    mask = (jnp.arange(t - 1)[None, :] + 1) < lens[:, None]  # f_{t+1} exists
+    tl = jax.lax.stop_gradient(head(tparams, self.target, f_out))
+    dl = head(tparams, self.target, g)
+    reg = _masked_mean(jnp.mean(_smooth_l1(g - f_out), axis=-1), mask)
+    ce = _masked_mean(_soft_ce(tl, dl), mask)
+    loss = self.reg_weight * reg + self.ce_weight * ce
+    return loss, {"loss": loss, "reg": reg, "ce": ce, "acc": _masked_mean(_agree(tl, dl), mask)}
+
+  def result(self, model: Model, params, meta):
+    return eagle.EagleHead(params=params, config=self.head, name=f"{model.name}-eagle",
+                           meta=meta)
+
+  def drafter(self, model: Model, params, k: int):
+    return eagle.Eagle(eagle.EagleHead(params=params, config=self.head), k=k)
+
+
+@dataclasses.dataclass(frozen=True)
+class MedusaObjective:
+  """Head i: cross-entropy against the target's distribution of x_{t+2+i}, weighted decay**i."""
+
+  target: ModelConfig
+  head: medusa.MedusaConfig
+  decay: float = 0.8
+
+  def init(self, model: Model, seed: int):
+    return medusa.init_params(self.head, seed)
+
+  def loss(self, params, tparams, tokens, lens, feats, key):
+    b, t = tokens.shape
+    tl = jax.lax.stop_gradient(head(tparams, self.target, feats))  # [B, T, V]
+    x = medusa.features(params, feats)  # [B, T, H, D]
+    pos = jnp.arange(t)[None, :]
+    total, weights, metrics = 0.0, 0.0, {}
+    for i in range(self.head.n_heads):
+      # Head i at position t predicts x_{t+2+i}, whose target distribution sits at t+1+i.
+      tgt = jnp.roll(tl, -(i + 1), axis=1)
+      mask = pos + 1 + i < lens[:, None]
+      dl = head(tparams, self.target, x[:, :, i])
+      ce = _masked_mean(_soft_ce(tgt, dl), mask)
+      total += self.decay ** i * ce
+      weights += self.decay ** i
+      metrics[f"acc{i}"] = _masked_mean(_agree(tgt, dl), mask)
+    loss = total / weights
+    metrics.update(loss=loss, acc=metrics["acc0"])
+    return loss, metrics
+
+  def result(self, model: Model, params, meta):
+    return medusa.MedusaHeads(params=params, config=self.head, name=f"{model.name}-medusa",
+                              meta=meta)
+
+  def drafter(self, model: Model, params, k: int):
+    return medusa.Medusa(medusa.MedusaHeads(params=params, config=self.head), k=k)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillObjective:
+  """DistillSpec: token-level KL(target || draft) on the target's own generations."""
+
+  target: ModelConfig
+  draft: ModelConfig
+
+  def init(self, model: Model, seed: int):
+    """The target's first layers, embeddings, final norm and head (copies)."""
+    n = self.draft.n_layers
+    p = model.params
+    out = {"embed": p["embed"], "layers": jax.tree.map(lambda w: w[:n], p["layers"]),
+           "final_norm": p["final_norm"]}
+    if "lm_head" in p:
+      out["lm_head"] = p["lm_head"]
+    return jax.tree.map(lambda w: jnp.array(w, jnp.float32, copy=True), out)
+
+  def loss(self, params, tparams, tokens, lens, feats, key):
+    t = tokens.shape[1]
+    tl = jax.lax.stop_gradient(head(tparams, self.target, feats))  # [B, T, V]
+    dl = forward(params, self.draft, tokens).logits
+    mask = jnp.arange(t)[None, :] < lens[:, None]
+    logp = jax.nn.log_softmax(tl, axis=-1)
+    kl = jnp.sum(jnp.exp(logp) * (logp - jax.nn.log_softmax(dl, axis=-1)), axis=-1)
+    loss = _masked_mean(kl, mask)
+    return loss, {"loss": loss, "acc": _masked_mean(_agree(tl, dl), mask)}
+
+  def result(self, model: Model, params, meta):
+    return Model(self.draft, params, model.tokenizer,
+                 name=f"{model.name}-distill{self.draft.n_layers}")
+
+  def drafter(self, model: Model, params, k: int):
+    from jaxspec.drafters import DraftModel
+    return DraftModel(Model(self.draft, params, model.tokenizer, name="distill"), k=k)
+
+
+def make(kind: str, model: Model, *, k: int, layers: int | None = None, **opts):
+  c = model.config
+  if kind == "eagle":
+    return EagleObjective(c, eagle.EagleConfig(c, layers=layers or 1), **opts)
+  if kind == "medusa":
+    return MedusaObjective(c, medusa.MedusaConfig(c, n_heads=k, layers=layers or 1), **opts)
+  if kind == "distill":
+    n = layers or min(c.n_layers - 1, max(1, c.n_layers // 4))
+    if not 1 <= n < c.n_layers:
+      raise ValueError(f"distill needs 1 <= layers < {c.n_layers} (the target's depth), got {n}")
+    return DistillObjective(c, dataclasses.replace(c, n_layers=n), **opts)
+  raise ValueError(f"unknown drafter kind {kind!r}: expected 'eagle', 'medusa' or 'distill'")

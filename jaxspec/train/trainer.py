@@ -1,0 +1,305 @@
+"""The training loop: optax AdamW (warmup + cosine decay, clipping), Orbax checkpoints with exact
+resume, a tqdm bar with the loss and the held-out tau measured by the real engine."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import shutil
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxspec.models import Model
+
+from . import data as data_lib
+from . import objectives
+
+STATE_DIR = "state"
+DATA_DIR = "data"
+DRAFTER_DIR = "drafter"
+CONFIG_FILE = "train_config.json"
+HISTORY_FILE = "history.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyper:
+  """Static optimizer settings (a jit static argument, with the objective)."""
+
+  steps: int
+  lr: float
+  warmup: int
+  weight_decay: float
+  clip: float
+  end_lr_frac: float = 0.1
+
+  def optimizer(self):
+    import optax
+    sched = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=self.lr, warmup_steps=self.warmup,
+        decay_steps=max(self.steps, self.warmup + 1), end_value=self.lr * self.end_lr_frac)
+    decay_mask = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)  # no decay on biases/norms
+    return optax.chain(optax.clip_by_global_norm(self.clip),
+                       optax.adamw(sched, weight_decay=self.weight_decay, mask=decay_mask))
+
+
+@struct.dataclass
+class TrainState:
+  params: Any
+  opt_state: Any
+  step: jax.Array  # [] int32
+  rng: jax.Array  # [2] uint32: the data/noise key (batches are a pure function of it and step)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=2)
+def _train_step(obj, hyper: Hyper, state: TrainState, tparams, tokens, lens, feats):
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  (_, metrics), grads = jax.value_and_grad(obj.loss, has_aux=True)(
+      state.params, tparams, tokens, lens, feats, key)
+  import optax
+  updates, opt_state = hyper.optimizer().update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+  return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
+
+
+def _init_state(obj, hyper: Hyper, model: Model, seed: int) -> TrainState:
+  params = obj.init(model, seed)
+  return TrainState(params=params, opt_state=hyper.optimizer().init(params),
+                    step=jnp.zeros((), jnp.int32),
+                    rng=jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32))
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+def _flat(state: TrainState) -> dict:
+  """Orbax-friendly form: leaves keyed by index (optax states are namedtuples)."""
+  return {f"{i:05d}": x for i, x in enumerate(jax.tree.leaves(state))}
+
+
+def _unflat(template: TrainState, flat: dict) -> TrainState:
+  leaves = [flat[k] for k in sorted(flat)]
+  return jax.tree.unflatten(jax.tree.structure(template), leaves)
+
+
+class _Checkpoints:
+  def __init__(self, folder: str):
+    import orbax.checkpoint as ocp
+    self._ocp = ocp
+    self.mngr = ocp.CheckpointManager(
+        folder, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
+                                                     enable_async_checkpointing=False))
+
+  def latest(self) -> int | None:
+    return self.mngr.latest_step()
+
+  def save(self, state: TrainState) -> None:
+    step = int(state.step)
+    if step in (self.mngr.all_steps() or []):
+      return
+    self.mngr.save(step, args=self._ocp.args.StandardSave(_flat(state)))
+    self.mngr.wait_until_finished()
+
+  def restore(self, step: int, template: TrainState) -> TrainState:
+    flat = _flat(template)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), flat)
+    got = self.mngr.restore(step, args=self._ocp.args.StandardRestore(abstract))
+    return _unflat(template, got)
+
+  def close(self) -> None:
+    self.mngr.close()
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------ eval
+
+
+def held_out_tau(obj, model: Model, params, prompts, *, k: int, max_new_tokens: int) -> float:
+  """Greedy tau of the current drafter on held-out prompts, measured by the real engine."""
+  import jaxspec
+  out = jaxspec.generate(model, prompts, drafter=obj.drafter(model, params, k),
+                         max_new_tokens=max_new_tokens, stop_tokens=())
+  return float(out.stats.mean_accepted)
+
+
+# ------------------------------------------------------------------------------------ train
+
+
+def train_drafter(model: Model, *, kind: str, out_dir: str, steps: int, data: str | None = None,
+                  k: int = 4, batch_size: int = 16, seq_len: int = 128, lr: float = 3e-3,
+                  seed: int = 0, eval_every: int | None = None, progress: bool = True,
+                  resume: bool = True, layers: int | None = None, warmup: int | None = None,
+                  weight_decay: float = 0.01, clip: float = 1.0, num_prompts: int | None = 512,
+                  samples_per_prompt: int = 2, temperature: float = 1.0, eval_prompts: int = 8,
+                  eval_tokens: int = 64, save_every: int | None = None,
+                  callback: Callable[[int, dict], None] | None = None,
+                  **objective_options):
+  """Trains a drafter for `model` by self-distillation and saves it to `out_dir/drafter`.
+
+  Args:
+    kind: "eagle" (feature drafter, returns an `EagleHead`), "medusa" (k heads, returns
+      `MedusaHeads`) or "distill" (a small draft model from the target's first `layers`
+      layers, returns a `jaxspec.Model` for `drafters.DraftModel`).
+    out_dir: holds the data cache (data/), Orbax training checkpoints (state/), the run's
+      settings and loss/tau history, and the trained drafter (drafter/).
+    steps: optimizer steps (batches of `batch_size` sequences of `seq_len` tokens).
+    data: a JSONL ({"prompt"|"text"|"turns"} per line) or text file (one prompt per line);
+      None uses built-in prompts (story openings for TinyStories models, else Spec-Bench).
+    k: draft length used for the held-out tau (and the number of Medusa heads).
+    eval_every: steps between held-out tau measurements (0: only at the end).
+    resume: continue from the latest checkpoint in out_dir (bit-identical to an uninterrupted
+      run: batches and noise are pure functions of (seed, step)); False starts over.
+    layers: EAGLE decoder layers / Medusa blocks per head / distilled model depth.
+    num_prompts, samples_per_prompt, temperature: the generated training set (the first
+      sample of each prompt is greedy, the others sampled at `temperature`).
+    eval_prompts, eval_tokens: the held-out set for tau.
+    callback: called as callback(step, metrics) after every step.
+    objective_options: kind-specific loss settings (eagle: reg_weight, ce_weight, noise;
+      medusa: decay).
+  """
+  from tqdm.auto import tqdm
+
+  if not isinstance(model, Model):
+    raise TypeError(f"model must be a jaxspec Model, got {type(model).__name__}")
+  for name, v in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len)):
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+      raise ValueError(f"{name} must be a positive integer, got {v!r}")
+  if seq_len > model.config.max_seq_len:
+    raise ValueError(f"seq_len={seq_len} exceeds the model's context ({model.config.max_seq_len})")
+  obj = objectives.make(kind, model, k=k, layers=layers, **objective_options)
+  warmup = max(1, steps // 20) if warmup is None else warmup
+  hyper = Hyper(steps=steps, lr=float(lr), warmup=int(warmup), weight_decay=float(weight_decay),
+                clip=float(clip))
+  if eval_every is None:
+    eval_every = max(1, steps // 5)
+  if save_every is None:
+    save_every = max(1, min(500, steps // 5))
+
+  out_dir = os.path.abspath(os.fspath(out_dir))
+  os.makedirs(out_dir, exist_ok=True)
+  settings = {"kind": kind, "model": str(model.name), "steps": steps, "data": data, "k": k,
+              "batch_size": batch_size, "seq_len": seq_len, "lr": float(lr), "seed": seed,
+              "layers": layers, "warmup": hyper.warmup, "weight_decay": hyper.weight_decay,
+              "clip": hyper.clip, "num_prompts": num_prompts,
+              "samples_per_prompt": samples_per_prompt, "temperature": temperature,
+              "eval_prompts": eval_prompts, "options": objective_options}
+  settings = json.loads(json.dumps(settings))
+  cfg_file = os.path.join(out_dir, CONFIG_FILE)
+  state_dir = os.path.join(out_dir, STATE_DIR)
+  if resume and os.path.exists(cfg_file):
+    with open(cfg_file) as f:
+      old = json.load(f)
+    diff = sorted(key for key in set(old) | set(settings) if old.get(key) != settings.get(key))
+    if diff:
+      raise ValueError(f"{out_dir} holds a run with other settings ({', '.join(diff)}: "
+                       f"{[old.get(d) for d in diff]} there, {[settings.get(d) for d in diff]} "
+                       f"now); use the same settings to resume, resume=False to start over, or "
+                       f"a new out_dir")
+  if not resume and os.path.isdir(state_dir):
+    shutil.rmtree(state_dir)
+  _write_json(cfg_file, settings)
+
+  # Data: the target's own generations and features (cached in out_dir/data).
+  max_prompt = max(1, seq_len // 2)
+  prompts = data_lib.encode_prompts(model, data, max_prompt)
+  train_p, held = data_lib.split_prompts(prompts, seed=seed, n_train=num_prompts,
+                                         n_eval=eval_prompts)
+  ds = data_lib.build(model, train_p, os.path.join(out_dir, DATA_DIR), seq_len=seq_len,
+                      samples=samples_per_prompt, temperature=temperature, seed=seed,
+                      progress=progress)
+
+  # State: fresh, or the latest checkpoint.
+  state = _init_state(obj, hyper, model, seed)
+  ckpts = _Checkpoints(state_dir)
+  history: list[dict] = []
+  hist_file = os.path.join(out_dir, HISTORY_FILE)
+  start = ckpts.latest() if resume else None
+  if start is not None:
+    state = ckpts.restore(start, state)
+    if os.path.exists(hist_file):
+      with open(hist_file) as f:
+        history = [h for h in json.load(f) if h["step"] <= start]
+  step = int(state.step)
+
+  def evaluate():
+    if not held:
+      return None
+    tau = held_out_tau(obj, model, state.params, held, k=k, max_new_tokens=eval_tokens)
+    history.append({"step": step, "tau": tau})
+    return tau
+
+  def save():
+    ckpts.save(state)
+    _write_json(hist_file, history)
+
+  t0 = time.perf_counter()
+  bar = tqdm(total=steps, initial=step, desc=f"train {kind}", unit="step", disable=not progress)
+  postfix: dict[str, str] = {}
+  tau = None
+  try:
+    if step == 0 and eval_every:
+      tau = evaluate()
+      if tau is not None:
+        postfix["tau"] = f"{tau:.2f}"
+        bar.set_postfix(postfix)
+    while step < steps:
+      tokens, lens, feats = ds.batch(seed, step, batch_size)
+      state, metrics = _train_step(obj, hyper, state, model.params, tokens, lens, feats)
+      step += 1
+      if callback is not None or step % 10 == 0 or step == steps or step == 1:
+        m = {key: float(v) for key, v in jax.device_get(metrics).items()}
+        if not all(math.isfinite(v) for v in m.values()):
+          raise FloatingPointError(f"non-finite training metrics at step {step}: {m}")
+        history.append({"step": step, **m})
+        postfix.update(loss=f"{m['loss']:.4f}", acc=f"{m['acc']:.2f}")
+        bar.set_postfix(postfix)
+        if callback is not None:
+          callback(step, m)
+      bar.update(1)
+      if eval_every and step % eval_every == 0 and step < steps:
+        tau = evaluate()
+        postfix["tau"] = f"{tau:.2f}"
+        bar.set_postfix(postfix)
+      if step % save_every == 0:
+        save()
+  except BaseException:
+    # Keep what was done: the state is always that of the last finished step.
+    try:
+      save()
+    except Exception:  # noqa: BLE001 (the original error matters more)
+      pass
+    ckpts.close()
+    bar.close()
+    raise
+  if held and not any("tau" in h and h["step"] == steps for h in history):
+    tau = evaluate()
+    postfix["tau"] = f"{tau:.2f}"
+    bar.set_postfix(postfix)
+  bar.close()
+  save()
+  ckpts.close()
+
+  losses = [h for h in history if "loss" in h]
+  taus = [h for h in history if "tau" in h]
+  meta = {"kind": kind, "target": str(model.name), "steps": steps, "seed": seed,
+          "final_loss": losses[-1]["loss"] if losses else None,
+          "tau": taus[-1]["tau"] if taus else None, "tau_k": k,
+          "train_seconds": round(time.perf_counter() - t0, 1)}
+  result = obj.result(model, state.params, meta)
+  from jaxspec import checkpoint
+  checkpoint.save(result, os.path.join(out_dir, DRAFTER_DIR), meta=meta, overwrite=True)
+  return result
