@@ -5,7 +5,7 @@
     out = jaxspec.generate(model, ["Once upon a time"], drafter=jaxspec.drafters.NGram(k=4))
 """
 
-from jaxspec import drafters
+from jaxspec import drafters, trees
 from jaxspec.api import Result, Stats, generate, logits, stream
 from jaxspec.models import Model, ModelConfig
 from jaxspec.models.load import load as _load
@@ -19,6 +19,6 @@ def load_model(source, *, dtype=None, mesh=None, progress: bool = True) -> Model
 
 
 __all__ = ["Model", "ModelConfig", "Result", "Stats", "drafters", "generate", "load_model", "logits",
-           "save_checkpoint", "stream"]
+           "save_checkpoint", "stream", "trees"]
 
 from jaxspec import train  # noqa: E402

@@ -118,6 +118,8 @@ def _draft_and_verify(spec: EngineSpec, tparams, dparams, s: State, r: Round, k_
     pending = jnp.take_along_axis(s.seq, (s.n - 1)[:, None], axis=1)  # [B, 1]
     out = forward(tparams, spec.target, jnp.concatenate([pending, drafts], axis=1), tcache)
     n_acc, emit = verify.chain(k_verify, drafts, dprobs, out.logits, d.mode, r.sp)
+    if getattr(d, "observes_logits", False):
+      dstate = d.observe(dparams, dstate, jnp.concatenate([pending, drafts], axis=1), out.logits)
     return dstate, out.cache, n_acc, emit, out.hidden, None, _nonfinite(out.logits)
   dstate, tcache, tree = d.propose_tree(dparams, s.dstate, r)
   depth = d.tree.max_depth
@@ -126,6 +128,8 @@ def _draft_and_verify(spec: EngineSpec, tparams, dparams, s: State, r: Round, k_
                 positions=(s.n - 1)[:, None] + tree.depth, tree_mask=anc)
   n_acc, emit, path = verify.tree(k_verify, tree, out.logits, depth, d.tree.max_children, d.mode,
                                   r.sp)
+  if getattr(d, "observes_logits", False):
+    dstate = d.observe(dparams, dstate, tree.tokens, out.logits)
   cache = out.cache.gather_slots(s.n - 1, path)
   hidden = jnp.take_along_axis(out.hidden, path[:, :, None], axis=1)  # [B, D+1, Dm]
   return dstate, cache, n_acc, emit, hidden, path, _nonfinite(out.logits)
