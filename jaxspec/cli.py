@@ -59,6 +59,12 @@ def parse_drafter(spec: str | None, k: int, tree=None):
     if not arg:
       raise ValueError("--drafter draft needs a model, e.g. draft:stories260K")
     return drafters.DraftModel(load_model(arg), k=k, tree=tree)
+  if name in ("medusa", "eagle"):
+    if not arg:
+      raise ValueError(f"--drafter {name} needs a checkpoint, e.g. {name}:runs/{name} (made by "
+                       f"jaxspec train-drafter --kind {name})")
+    cls = drafters.Medusa if name == "medusa" else drafters.Eagle
+    return cls(arg, k=k, tree=tree)
   raise ValueError(f"unknown drafter {spec!r} (none, ngram[:N], early-exit:L, draft:SRC)")
 
 
@@ -115,6 +121,20 @@ def cmd_bench(a) -> int:
   return bench.main(a)
 
 
+def cmd_train_drafter(a) -> int:
+  """Trains an EAGLE / Medusa / distilled drafter and prints how to use it."""
+  import jaxspec
+
+  model = jaxspec.load_model(a.model)
+  kw = {key: getattr(a, key) for key in ("k", "batch_size", "seq_len", "lr", "seed",
+                                         "eval_every", "layers") if getattr(a, key) is not None}
+  jaxspec.train.train_drafter(model, kind=a.kind, out_dir=a.out, steps=a.steps, data=a.data,
+                              resume=not a.no_resume, **kw)
+  use = f"draft:{a.out}/drafter" if a.kind == "distill" else f"{a.kind}:{a.out}"
+  print(f"drafter saved to {a.out}/drafter; use it with --drafter {use}")
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="jaxspec", description="Speculative decoding in one compiled JAX program.",
@@ -133,6 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
   from jaxspec import bench
   bench.add_arguments(b)
   b.set_defaults(fn=cmd_bench)
+  t = sub.add_parser("train-drafter", help="train an EAGLE / Medusa / distilled drafter")
+  t.add_argument("--model", default="stories260K", help="the target model (as for generate)")
+  t.add_argument("--kind", required=True, choices=["eagle", "medusa", "distill"])
+  t.add_argument("--out", required=True, help="run directory (data, checkpoints, drafter/)")
+  t.add_argument("--steps", type=int, default=1000)
+  t.add_argument("--data", default=None, help="JSONL ({prompt|text|turns}) or text prompts")
+  for flag, typ in (("--k", int), ("--batch-size", int), ("--seq-len", int), ("--lr", float),
+                    ("--seed", int), ("--eval-every", int), ("--layers", int)):
+    t.add_argument(flag, type=typ, default=None)
+  t.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
+  t.set_defaults(fn=cmd_train_drafter)
   return p
 
 

@@ -66,7 +66,7 @@ def _train_step(obj, hyper: Hyper, state: TrainState, tparams, tokens, lens, fea
   import optax
   updates, opt_state = hyper.optimizer().update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+  metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
   return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
 
 

@@ -1,0 +1,212 @@
+"""Drafter training (jaxspec.train): loss falls and held-out tau rises, exact resume, trained
+Eagle / Medusa / distilled drafters are lossless, head checkpoints round trip, clear errors.
+
+CI-sized: stories260K, a few dozen steps on a small self-distilled set. Runs are module-scoped
+and shapes are shared, so each program compiles once.
+"""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+import jaxspec
+from jaxspec import checkpoint, drafters
+from jaxspec.cli import parse_drafter
+from jaxspec.models import Model
+
+PROMPTS = ["Once upon a time", "Tom and his dog went to the", "The little bird",
+           "Lily wanted to play with her friend in the big park. She said"]
+N_NEW = 24
+STEPS = 60
+SETTINGS = dict(steps=STEPS, batch_size=16, seq_len=64, num_prompts=64, samples_per_prompt=1,
+                eval_every=30, eval_prompts=4, eval_tokens=32, progress=False, lr=3e-3)
+
+
+def _train(model, kind, out_dir, **kw):
+  return jaxspec.train.train_drafter(model, kind=kind, out_dir=str(out_dir), **{**SETTINGS, **kw})
+
+
+def _history(out_dir):
+  with open(os.path.join(out_dir, "history.json")) as f:
+    return json.load(f)
+
+
+def _same(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(la, lb):
+    assert x.dtype == y.dtype and x.shape == y.shape
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  return tmp_path_factory.mktemp("train")
+
+
+@pytest.fixture(scope="module")
+def eagle_head(stories, runs):
+  return _train(stories, "eagle", runs / "eagle")
+
+
+@pytest.fixture(scope="module")
+def medusa_heads(stories, runs):
+  return _train(stories, "medusa", runs / "medusa")
+
+
+@pytest.fixture(scope="module")
+def distilled(stories, runs):
+  return _train(stories, "distill", runs / "distill", eval_every=0, layers=2)
+
+
+@pytest.fixture(scope="module")
+def plain(stories):
+  return jaxspec.generate(stories, PROMPTS, max_new_tokens=N_NEW, stop_tokens=())
+
+
+@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+def test_loss_falls_and_tau_rises(request, runs, kind):
+  head = request.getfixturevalue({"eagle": "eagle_head", "medusa": "medusa_heads"}[kind])
+  hist = _history(runs / kind)
+  losses = [h["loss"] for h in hist if "loss" in h]
+  taus = [(h["step"], h["tau"]) for h in hist if "tau" in h]
+  assert losses[-1] < 0.8 * losses[0], losses
+  assert [s for s, _ in taus] == [0, 30, 60]
+  assert taus[-1][1] > taus[0][1] + 0.2, taus  # measured with the real engine, greedy
+  assert taus[-1][1] > {"eagle": 1.5, "medusa": 1.2}[kind]
+  assert head.meta["tau"] == pytest.approx(taus[-1][1])
+
+
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+def test_trained_greedy_equals_plain(request, stories, plain, kind, k):
+  if kind == "eagle":
+    d = drafters.Eagle(request.getfixturevalue("eagle_head"), k=k)
+  else:
+    d = drafters.Medusa(request.getfixturevalue("medusa_heads"), k=k)
+  out = jaxspec.generate(stories, PROMPTS, drafter=d, max_new_tokens=N_NEW, stop_tokens=())
+  assert out.tokens == plain.tokens
+  assert out.stats.new_tokens == N_NEW * len(PROMPTS)
+  assert 1.0 <= out.stats.mean_accepted <= k + 1
+  if k == 4:
+    assert out.stats.mean_accepted > 1.1  # trained drafts are accepted
+
+
+@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+def test_trained_sampling_runs(request, stories, kind):
+  head = request.getfixturevalue({"eagle": "eagle_head", "medusa": "medusa_heads"}[kind])
+  d = drafters.Eagle(head) if kind == "eagle" else drafters.Medusa(head)
+  out = jaxspec.generate(stories, PROMPTS, drafter=d, max_new_tokens=N_NEW, stop_tokens=(),
+                         temperature=0.8, seed=3)
+  assert [len(t) for t in out.tokens] == [N_NEW] * 4
+  assert out.stats.mean_accepted > 1.0
+
+
+def test_distill_draft_model_is_lossless(stories, plain, distilled, runs):
+  assert isinstance(distilled, Model) and distilled.config.n_layers == 2
+  hist = [h["loss"] for h in _history(runs / "distill") if "loss" in h]
+  assert hist[-1] < hist[0]
+  out = jaxspec.generate(stories, PROMPTS, drafter=drafters.DraftModel(distilled, k=4),
+                         max_new_tokens=N_NEW, stop_tokens=())
+  assert out.tokens == plain.tokens
+  assert out.stats.mean_accepted > 1.2
+  again = jaxspec.load_model(str(runs / "distill" / "drafter"))  # an ordinary model checkpoint
+  _same(distilled.params, again.params)
+
+
+def test_resume_is_bit_exact(stories, eagle_head, runs):
+  """Interrupted twice, resumed twice == never interrupted, bit for bit. The first interrupt
+  (Ctrl-C at step 37) is saved on the way out; the second (at 50) is made a hard kill by
+  deleting that save, so the run resumes from the periodic save at 48."""
+  out = runs / "eagle_resumed"
+  os.makedirs(out)
+  shutil.copytree(runs / "eagle" / "data", out / "data")  # same data; skips regeneration
+
+  def crash_at(n):
+    def callback(step, metrics):
+      if step == n:
+        raise KeyboardInterrupt
+    return callback
+
+  with pytest.raises(KeyboardInterrupt):
+    _train(stories, "eagle", out, callback=crash_at(37))
+  assert sorted(os.listdir(out / "state")) == ["36", "37"] and not os.path.exists(out / "drafter")
+  with pytest.raises(KeyboardInterrupt):
+    _train(stories, "eagle", out, callback=crash_at(50))
+  shutil.rmtree(out / "state" / "50")
+  resumed = _train(stories, "eagle", out)
+  _same(eagle_head.params, resumed.params)
+  with pytest.raises(ValueError, match="other settings.*lr"):
+    _train(stories, "eagle", out, lr=1e-3)
+
+
+def test_head_checkpoints_round_trip(stories, eagle_head, medusa_heads, runs, tmp_path):
+  for head, cls, kind in [(eagle_head, drafters.EagleHead, "eagle"),
+                          (medusa_heads, drafters.MedusaHeads, "medusa")]:
+    saved = cls.load(runs / kind)  # the run directory finds its drafter/
+    _same(head.params, saved.params)
+    assert saved.config == head.config and saved.meta["steps"] == STEPS
+    path = head.save(tmp_path / kind)
+    ckpt = checkpoint.load_head(path)
+    assert ckpt.kind == kind and ckpt.config == head.config
+    _same(head.params, ckpt.params)
+    _same(head.params, jaxspec.checkpoint.load_head(
+        jaxspec.save_checkpoint(head, tmp_path / f"{kind}2")).params)
+  # Loaded heads (and the CLI's eagle:DIR / medusa:DIR) draft like the originals.
+  plain = jaxspec.generate(stories, PROMPTS[:1], max_new_tokens=8, stop_tokens=())
+  for spec in [f"eagle:{runs / 'eagle'}", f"medusa:{tmp_path / 'medusa'}"]:
+    d = parse_drafter(spec, k=4)
+    assert isinstance(d, (drafters.Eagle, drafters.Medusa))
+    assert jaxspec.generate(stories, PROMPTS[:1], drafter=d, max_new_tokens=8,
+                            stop_tokens=()).tokens == plain.tokens
+
+
+def test_head_errors(stories, eagle_head, medusa_heads, runs):
+  from conftest import tiny_model
+  other = tiny_model()  # dim 32, vocab 64
+  with pytest.raises(ValueError, match="trained for a model with dim 64 and vocabulary 512"):
+    jaxspec.generate(other, [[1, 2, 3]], drafter=drafters.Eagle(eagle_head))
+  with pytest.raises(ValueError, match="trained for a model with dim 64"):
+    jaxspec.generate(other, [[1, 2, 3]], drafter=drafters.Medusa(medusa_heads))
+  with pytest.raises(ValueError, match="needs at least k heads"):
+    drafters.Medusa(medusa_heads, k=5)
+  with pytest.raises(ValueError, match="not a 'medusa' head"):
+    drafters.Medusa(str(runs / "eagle"))
+  with pytest.raises(ValueError, match="expected a 'eagle' head"):
+    drafters.Eagle(medusa_heads)
+  with pytest.raises(NotImplementedError, match="token trees"):
+    drafters.Eagle(eagle_head, tree=object())
+  with pytest.raises(NotImplementedError, match="token trees"):
+    drafters.Medusa(medusa_heads, tree=object())
+  with pytest.raises(ValueError, match="unknown drafter kind"):
+    jaxspec.train.train_drafter(stories, kind="lookahead", out_dir=str(runs / "x"), steps=1)
+  with pytest.raises(ValueError, match="medusa needs a checkpoint"):
+    parse_drafter("medusa", k=4)
+
+
+def test_data_file_formats(stories, tmp_path):
+  from jaxspec.train import data
+  jsonl = tmp_path / "p.jsonl"
+  jsonl.write_text('{"prompt": "Once upon a time"}\n\n{"turns": ["Tom went", "x"]}\n'
+                   '{"text": "The cat sat on the mat and"}\n')
+  assert [k for k, _ in data.read_prompts(str(jsonl))] == ["chat", "chat", "text"]
+  ids = data.encode_prompts(stories, str(jsonl), max_len=4)
+  assert len(ids) == 3 and all(1 <= len(x) <= 4 for x in ids)
+  txt = tmp_path / "p.txt"
+  txt.write_text("Once upon a time\nA dog\n")
+  assert data.read_prompts(str(txt)) == [("text", "Once upon a time"), ("text", "A dog")]
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"question": 1}\n')
+  with pytest.raises(ValueError, match="'prompt', 'text' or 'turns'"):
+    data.read_prompts(str(bad))
+  # Batches are a pure function of (seed, step).
+  ds = data.Dataset(np.arange(40, dtype=np.int32).reshape(10, 4), np.full(10, 4, np.int32),
+                    np.zeros((10, 4, 2), np.float32))
+  a, b = ds.batch(0, 5, 4), ds.batch(0, 5, 4)
+  np.testing.assert_array_equal(a[0], b[0])
+  assert not np.array_equal(ds.batch(0, 6, 4)[0], a[0]) or not np.array_equal(
+      ds.batch(1, 5, 4)[0], a[0])
