@@ -1,4 +1,4 @@
-"""The `jaxspec` command: generate | bench.
+"""The `jaxspec` command: generate | bench | train-drafter.
 
 Bad input ends in one line on stderr (`jaxspec: error: ...`) and exit status 2.
 """
@@ -33,6 +33,17 @@ BENCH_EXAMPLES = """examples:
   jaxspec bench --prompts my_prompts.jsonl --out docs/benchmarks.md
 """
 
+TRAIN_EXAMPLES = """examples:
+  jaxspec train-drafter --kind eagle --out runs/eagle --steps 500
+  jaxspec generate "Once upon a time" --drafter eagle:runs/eagle --k 4
+  jaxspec train-drafter --kind medusa --out runs/medusa --steps 500 --k 4
+  jaxspec train-drafter --kind distill --layers 2 --out runs/small --steps 500
+  jaxspec generate "Once upon a time" --drafter draft:runs/small/drafter
+  jaxspec train-drafter --model path/to/hf_dir --kind eagle --data prompts.jsonl --out runs/x
+
+A run resumes from its latest checkpoint in --out (--no-resume starts over).
+"""
+
 
 def _int_arg(what: str, arg: str, example: str) -> int:
   try:
@@ -65,14 +76,16 @@ def parse_drafter(spec: str | None, k: int, tree=None):
                        f"jaxspec train-drafter --kind {name})")
     cls = drafters.Medusa if name == "medusa" else drafters.Eagle
     return cls(arg, k=k, tree=tree)
-  raise ValueError(f"unknown drafter {spec!r} (none, ngram[:N], early-exit:L, draft:SRC)")
+  raise ValueError(f"unknown drafter {spec!r} (none, ngram[:N], early-exit:L, draft:SRC, "
+                   f"medusa:CKPT, eagle:CKPT)")
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
   p.add_argument("--model", default="stories260K",
                  help="stories260K (embedded), a .bin, a .gguf, an HF or Orbax directory")
   p.add_argument("--drafter", default=None,
-                 help="none | ngram[:N] | early-exit:L | draft:SRC (default: none)")
+                 help="none | ngram[:N] | early-exit:L | draft:SRC | medusa:CKPT | eagle:CKPT "
+                      "(default: none)")
   p.add_argument("--k", type=int, default=4, help="draft tokens per round (default 4)")
   p.add_argument("--max-new-tokens", type=int, default=128)
   p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -153,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
   from jaxspec import bench
   bench.add_arguments(b)
   b.set_defaults(fn=cmd_bench)
-  t = sub.add_parser("train-drafter", help="train an EAGLE / Medusa / distilled drafter")
+  t = sub.add_parser("train-drafter", help="train an EAGLE / Medusa / distilled drafter",
+                     epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
   t.add_argument("--model", default="stories260K", help="the target model (as for generate)")
   t.add_argument("--kind", required=True, choices=["eagle", "medusa", "distill"])
   t.add_argument("--out", required=True, help="run directory (data, checkpoints, drafter/)")
