@@ -274,7 +274,11 @@ def _open(params_dir: str):
   except Exception as e:  # orbax raises assorted errors on damaged directories
     raise ValueError(f"{params_dir}: cannot read Orbax metadata ({type(e).__name__}: {e})") from e
   m = getattr(m, "item_metadata", m)
-  return ckpt, getattr(m, "tree", m)
+  tree = getattr(m, "tree", m)
+  if not jax.tree.leaves(tree):
+    raise ValueError(f"{params_dir}: damaged Orbax checkpoint: its metadata lists no arrays "
+                     f"(_METADATA or the manifest is missing or truncated)")
+  return ckpt, tree
 
 
 def _restore(ckpt, params_dir: str, shapes, saved, dtype, mesh, config=None):
@@ -294,8 +298,10 @@ def _restore(ckpt, params_dir: str, shapes, saved, dtype, mesh, config=None):
                         shape_tree, shardings)
   try:
     return ckpt.restore(params_dir, target)
-  except (ValueError, KeyError, FileNotFoundError) as e:
-    raise ValueError(f"{params_dir}: cannot restore parameters ({type(e).__name__}: {e})") from e
+  except Exception as e:  # tensorstore reports missing or damaged chunks as a bare Exception
+    first = str(e).split(" See full TensorStore details")[0].splitlines()[0] if str(e) else ""
+    raise ValueError(f"{params_dir}: damaged or truncated Orbax checkpoint, cannot restore "
+                     f"parameters ({type(e).__name__}: {first})") from e
 
 
 def load(path: str | os.PathLike, *, dtype=None, mesh=None) -> Model:
