@@ -57,14 +57,14 @@ def detect_format(source: str) -> str:
                    f"Face checkpoint directories, jaxspec Orbax checkpoints)")
 
 
-def _to_device(params, dtype, mesh=None):
+def _to_device(params, dtype, mesh=None, config=None):
   def put(x):
     x = np.asarray(x)
     return jnp.asarray(x, dtype=dtype if dtype is not None else x.dtype)
   params = jax.tree.map(put, params)
   if mesh is not None:
     from jaxspec.sharding import shard_params  # sharding lives on floor 0, imported lazily
-    params = shard_params(params, mesh)
+    params = shard_params(params, mesh, config)  # config: query heads must divide "tensor"
   return params
 
 
@@ -108,4 +108,5 @@ def load(source: str, *, dtype=None, mesh=None, progress: bool = True) -> Model:
   if tok is not None and tok.vocab_size > config.vocab_size:
     raise ValueError(f"{source}: tokenizer has {tok.vocab_size} tokens but the model only "
                      f"{config.vocab_size}")
-  return Model(config=config, params=_to_device(params, dt, mesh), tokenizer=tok, name=name)
+  return Model(config=config, params=_to_device(params, dt, mesh, config), tokenizer=tok,
+               name=name)
