@@ -196,7 +196,8 @@ def build(model, prompts: list[list[int]], folder: str, *, seq_len: int, samples
   for s, i in jobs:
     chunk = prompts[i:i + gen_batch]
     temp = 0.0 if s == 0 else temperature
-    out = jaxspec.generate(model, chunk, max_new_tokens=max_new, temperature=temp,
+    padded = chunk + [chunk[0]] * (gen_batch - len(chunk))  # one batch shape: one compile
+    out = jaxspec.generate(model, padded, max_new_tokens=max_new, temperature=temp,
                            seed=seed * 1000003 + s * 7919 + i)
     for p, new in zip(chunk, out.tokens):
       seq = (p + new)[:seq_len]

@@ -139,7 +139,7 @@ def held_out_tau(obj, model: Model, params, prompts, *, k: int, max_new_tokens: 
 # ------------------------------------------------------------------------------------ train
 
 
-def train_drafter(model: Model, *, kind: str, out_dir: str, steps: int, data: str | None = None,
+def train_drafter(model: Model, *, kind: str = "eagle", out_dir: str, steps: int, data: str | None = None,
                   k: int = 4, batch_size: int = 16, seq_len: int = 128, lr: float = 3e-3,
                   seed: int = 0, eval_every: int | None = None, progress: bool = True,
                   resume: bool = True, layers: int | None = None, warmup: int | None = None,
