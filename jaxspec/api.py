@@ -123,6 +123,7 @@ class _Prepared:
   key: jax.Array
   batch: int
   max_new: int
+  mesh: object = None
 
 
 def _prepare(model: Model, prompts, *, drafter, max_new_tokens, temperature, top_k, top_p,
@@ -131,7 +132,8 @@ def _prepare(model: Model, prompts, *, drafter, max_new_tokens, temperature, top
     raise TypeError(f"model must be a jaxspec Model (from jaxspec.load_model), got "
                     f"{type(model).__name__}")
   if mesh is not None:
-    raise NotImplementedError("mesh= is not supported yet (see the sharding issue)")
+    from jaxspec import sharding
+    sharding.check_divisible(model.config, mesh)
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
   mode, sp = sampling.make(temperature, top_k, top_p)
@@ -155,6 +157,9 @@ def _prepare(model: Model, prompts, *, drafter, max_new_tokens, temperature, top
   dspec = dspec.with_mode(mode)
   p = _bucket(longest)
   bb = _batch_bucket(b)
+  if mesh is not None:  # rows split evenly over the data axis
+    data = mesh.shape.get("data", 1)
+    bb = -(-bb // data) * data
   buf = -(-(p + max_new_tokens + dspec.footprint + 1) // BUF_ALIGN) * BUF_ALIGN
   prompt = np.zeros((bb, p), np.int32)
   lens = np.ones((bb,), np.int32)
@@ -169,20 +174,20 @@ def _prepare(model: Model, prompts, *, drafter, max_new_tokens, temperature, top
   inputs = engine.Inputs(sp=sp, max_new=jnp.asarray(max_new_tokens, jnp.int32),
                          stop=jnp.asarray(stop))
   return _Prepared(spec, dparams, prompt, lens, live, inputs, jax.random.key(seed), b,
-                   int(max_new_tokens))
+                   int(max_new_tokens), mesh)
 
 
 def _start(model: Model, pr: _Prepared):
   args = (model.params, pr.dparams, jnp.asarray(pr.prompt), jnp.asarray(pr.lens),
           jnp.asarray(pr.live), pr.inputs, pr.key)
-  exe, c1 = engine.compiled("prefill", pr.spec, *args)
+  exe, c1 = engine.compiled("prefill", pr.spec, *args, mesh=pr.mesh)
   state = exe(*args)
   return state, c1
 
 
 def _rounds(model: Model, pr: _Prepared, state, max_rounds: int):
   args = (model.params, pr.dparams, pr.inputs, state, jnp.asarray(max_rounds, jnp.int32))
-  exe, c = engine.compiled("run", pr.spec, *args)
+  exe, c = engine.compiled("run", pr.spec, *args, mesh=pr.mesh)
   return exe(*args), c
 
 
@@ -203,12 +208,21 @@ def generate(model: Model, prompts, *, drafter=None, max_new_tokens: int = 128,
   t0 = time.perf_counter()
   state, c1 = _start(model, pr)
   state, c2 = _rounds(model, pr, state, 1 << 30)
-  seq, n, lens, calls, hist, rounds, bad = jax.device_get(
+  seq, n, lens, calls, hist, rounds, bad = _fetch(
       (state.seq, state.n, state.prompt_lens, state.stats.target_calls, state.stats.accept_hist,
        state.stats.rounds, state.stats.nonfinite))
   run_s = time.perf_counter() - t0 - c1 - c2
   _check_finite(model, bad[:pr.batch])
   return _result(model, pr, seq, n, lens, calls, hist, rounds, c1 + c2, run_s)
+
+
+def _fetch(tree):
+  """Device -> host once; across processes, gathers the rows every process needs."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
+                        tree)
+  return jax.device_get(tree)
 
 
 def _check_finite(model: Model, bad) -> None:
@@ -248,9 +262,9 @@ def stream(model: Model, prompt, *, rounds_per_chunk: int = 4, **kw) -> Iterator
   lens = int(pr.lens[0])
   shown = ""
   while True:
-    n, done, bad = jax.device_get((state.n[0], state.done[0], state.stats.nonfinite[:1]))
+    n, done, bad = _fetch((state.n[0], state.done[0], state.stats.nonfinite[:1]))
     _check_finite(model, bad)
-    text = model.tokenizer.decode(jax.device_get(state.seq[0, lens:n]).tolist())
+    text = model.tokenizer.decode(_fetch(state.seq[0, lens:n]).tolist())
     if not done and text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more
       text = text[:-1]
     if len(text) > len(shown) and text.startswith(shown):

@@ -183,26 +183,67 @@ def _run(spec: EngineSpec, tparams, dparams, inp: Inputs, state: State, max_roun
   return jax.lax.while_loop(cond, functools.partial(_round, spec, tparams, dparams, inp), state)
 
 
-_prefill_jit = jax.jit(_prefill, static_argnums=0)
-_run_jit = jax.jit(_run, static_argnums=0, donate_argnums=4)
-
 _COMPILED: dict = {}
 compile_count = 0  # executables built by this process (tests assert it does not grow)
+
+_FNS = {"prefill": (_prefill, ()), "run": (_run, (4,))}  # function, donated argnums
 
 
 def _signature(args) -> tuple:
   return tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(args))
 
 
-def compiled(name: str, spec: EngineSpec, *args):
-  """Returns (executable, compile seconds; 0.0 when it came from the cache)."""
+def state_shardings(tree, mesh):
+  """Shardings for loop state (or any engine pytree): KV caches by their logical axes, arrays
+  whose leading axis is the batch split over the data axis, everything else replicated."""
+  from jaxspec import sharding
+
+  def one(x):
+    if isinstance(x, KVCache):
+      return sharding.cache_shardings(x, mesh)
+    return sharding.batch_sharding(x, mesh) if getattr(x, "ndim", 0) >= 1 else \
+        sharding.logical_to_sharding((), mesh, ())
+  return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, KVCache))
+
+
+def arg_shardings(name: str, spec: EngineSpec, args, mesh):
+  """Explicit input and output shardings of one compiled program."""
+  from jaxspec import sharding
+
+  tparams, dparams = args[0], args[1]
+  params_sh = (sharding.param_shardings(tparams, mesh),
+               sharding.param_shardings(dparams, mesh) if dparams is not None else None)
+  rest = state_shardings(args[2:], mesh)
+  fn, _ = _FNS[name]
+  out = jax.eval_shape(functools.partial(fn, spec), *args)
+  return params_sh + tuple(rest), state_shardings(out, mesh)
+
+
+def compiled(name: str, spec: EngineSpec, *args, mesh=None):
+  """Returns (executable, compile seconds; 0.0 when it came from the cache).
+
+  With a mesh, the program gets explicit in/out shardings (params by their logical axes,
+  rows of the batch and of every cache over "data", heads and MLP over "tensor")."""
   global compile_count
-  fn = {"prefill": _prefill_jit, "run": _run_jit}[name]
-  key = (name, spec, jax.tree.structure(args), _signature(args))
+  key = (name, spec, mesh, jax.tree.structure(args), _signature(args))
   if key in _COMPILED:
     return _COMPILED[key], 0.0
+  fn, donate = _FNS[name]
   t0 = time.perf_counter()
-  exe = fn.lower(spec, *args).compile()
+  if mesh is None:
+    jitted = jax.jit(fn, static_argnums=0, donate_argnums=donate)
+  else:
+    in_sh, out_sh = arg_shardings(name, spec, args, mesh)
+    jitted = jax.jit(fn, static_argnums=0, donate_argnums=donate, in_shardings=in_sh,
+                     out_shardings=out_sh)
+  exe = jitted.lower(spec, *args).compile()
+  if mesh is not None:
+    from jaxspec.sharding import place
+    compiled_exe = exe
+
+    def exe(*a):
+      return compiled_exe(*place(a, in_sh))  # a no-op for arrays already in place
+    exe.compiled = compiled_exe
   _COMPILED[key] = exe
   compile_count += 1
   return exe, time.perf_counter() - t0

@@ -88,6 +88,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     raise ValueError(f"process_id={process_id} is out of range for {num_processes} processes")
   if jax.distributed.is_initialized():
     return False
+  if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+    # CPU processes (tests, CPU pods) need a collectives backend to talk to each other; it
+    # has no effect on GPU or TPU devices.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id, **kwargs)
   return True

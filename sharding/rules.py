@@ -197,7 +197,15 @@ def cache_shardings(cache, mesh: Mesh, rules: Rules = RULES):
 
 def _put(x, sharding: NamedSharding):
   if isinstance(x, jax.Array):
-    return jax.device_put(x, sharding)
+    if x.sharding == sharding:
+      return x
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # typed keys: place the raw data
+      data = _put(jax.random.key_data(x), NamedSharding(sharding.mesh, PartitionSpec()))
+      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    if x.is_fully_addressable and not sharding.is_fully_addressable:
+      x = np.asarray(x)  # a process-local array headed for a multi-process mesh
+    else:
+      return jax.device_put(x, sharding)
   x = np.asarray(x)  # host data: every process builds only its own shards (multi-host safe)
   return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
@@ -210,6 +218,19 @@ def shard_params(params, mesh: Mesh, config=None, rules: Rules = RULES):
   if config is not None:
     check_divisible(config, mesh)
   return jax.tree.map(_put, params, param_shardings(params, mesh, rules))
+
+
+def place(tree, shardings):
+  """Places a pytree of host or device arrays with matching `shardings` (multi-host safe:
+  from host data each process builds only its own shards)."""
+  return jax.tree.map(_put, tree, shardings)
+
+
+def batch_sharding(x, mesh: Mesh, rules: Rules = RULES) -> NamedSharding:
+  """Rows (axis 0) over the data axis when it divides them, everything else replicated."""
+  shape = _shape(x)
+  axes = (BATCH,) + (None,) * (len(shape) - 1) if shape else ()
+  return logical_to_sharding(axes, mesh, shape, rules)
 
 
 def shard_cache(cache, mesh: Mesh, rules: Rules = RULES):
