@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="comma-separated: ngram[:N], early-exit:L, draft:SRC (default: ngram and "
                       "early exit at 3/4 and all-but-one of the layers)")
   p.add_argument("--k", type=int, default=4)
+  p.add_argument("--tree", type=int, default=None,
+                 help="also run every drafter with a token tree of N nodes, next to its chain")
   p.add_argument("--max-new-tokens", type=int, default=128)
   p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
   p.add_argument("--out", default=DEFAULT_OUT, help="markdown report to update ('-' = stdout only)")
@@ -64,7 +66,7 @@ def load_prompts(path: str | None, limit: int, categories: str | None) -> list[d
 
 
 def default_drafters(n_layers: int) -> list[str]:
-  out = ["ngram"]
+  out = ["ngram", "recycling"]
   for l in sorted({max(1, (3 * n_layers) // 4), n_layers - 1}):
     if 1 <= l < n_layers:
       out.append(f"early-exit:{l}")
@@ -205,13 +207,20 @@ def main(a) -> int:
   if not prompts:
     raise ValueError("no prompts selected")
   names = a.drafters.split(",") if a.drafters else default_drafters(model.config.n_layers)
-  methods = [("plain", None)] + [(f"{n} k={a.k}", parse_drafter(n, a.k)) for n in names]
+  methods = [("plain", None)]
+  for n in names:
+    if n != "recycling":  # recycling always drafts a tree
+      methods.append((f"{n} k={a.k}", parse_drafter(n, a.k)))
+    if a.tree or n == "recycling":
+      d = parse_drafter(n, a.k, a.tree)
+      methods.append((f"{n} tree={d.tree.n_nodes}", d))
   t0 = time.perf_counter()
   results = run(model, prompts, methods, max_new_tokens=a.max_new_tokens, chat=a.chat)
   cats, table = summarize(results)
   command = "jaxspec " + " ".join(shlex.quote(x) for x in sys.argv[1:])
   settings = (f"{len(prompts)} prompts ({a.limit} per category), greedy, batch 1, "
-              f"max_new_tokens={a.max_new_tokens}, k={a.k}, {time.perf_counter() - t0:.0f} s total")
+              f"max_new_tokens={a.max_new_tokens}, k={a.k}, tree={a.tree}, "
+              f"{time.perf_counter() - t0:.0f} s total")
   md = markdown(model.name, command, cats, table, results, settings)
   print(md)
   if a.out != "-":

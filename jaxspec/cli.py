@@ -52,6 +52,22 @@ def _int_arg(what: str, arg: str, example: str) -> int:
     raise ValueError(f"--drafter {what} needs an integer, got {arg!r} (e.g. {example})") from None
 
 
+# Typical acceptance rates of a drafter's rank-r candidate (rank 0 = its top guess), used to
+# shape static trees from a node budget (best-first, see trees.Static.from_acceptance).
+RANK_ACCEPTANCE = (0.6, 0.15, 0.08, 0.05)
+
+
+def static_tree(tree, k: int, acceptance: bool = False):
+  """An int node budget -> a Static template (model-free drafters need a fixed topology)."""
+  from jaxspec import trees
+
+  if tree is None or not isinstance(tree, int):
+    return tree
+  if acceptance:
+    return trees.Static.from_acceptance(RANK_ACCEPTANCE, nodes=tree)
+  return trees.Static.chains(max(1, (tree - 1) // k), k)  # one chain per n-gram match
+
+
 def parse_drafter(spec: str | None, k: int, tree=None):
   """'ngram[:N]' | 'early-exit:L' | 'draft:SRC' -> a drafter object (None for 'none')."""
   from jaxspec import drafters, load_model
@@ -60,7 +76,10 @@ def parse_drafter(spec: str | None, k: int, tree=None):
     return None
   name, _, arg = spec.partition(":")
   if name == "ngram":
-    return drafters.NGram(n=_int_arg("ngram:N", arg, "ngram:3") if arg else 3, k=k, tree=tree)
+    return drafters.NGram(n=_int_arg("ngram:N", arg, "ngram:3") if arg else 3, k=k,
+                          tree=static_tree(tree, k))
+  if name == "recycling":
+    return drafters.Recycling(tree=static_tree(tree, k, acceptance=True))
   if name in ("early-exit", "early_exit", "earlyexit"):
     if not arg:
       raise ValueError("--drafter early-exit needs a layer count, e.g. early-exit:4")
@@ -77,16 +96,19 @@ def parse_drafter(spec: str | None, k: int, tree=None):
     cls = drafters.Medusa if name == "medusa" else drafters.Eagle
     return cls(arg, k=k, tree=tree)
   raise ValueError(f"unknown drafter {spec!r} (none, ngram[:N], early-exit:L, draft:SRC, "
-                   f"medusa:CKPT, eagle:CKPT)")
+                   f"recycling, medusa:CKPT, eagle:CKPT)")
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
   p.add_argument("--model", default="stories260K",
                  help="stories260K (embedded), a .bin, a .gguf, an HF or Orbax directory")
   p.add_argument("--drafter", default=None,
-                 help="none | ngram[:N] | early-exit:L | draft:SRC | medusa:CKPT | eagle:CKPT "
-                      "(default: none)")
+                 help="none | ngram[:N] | early-exit:L | draft:SRC | recycling | medusa:CKPT | "
+                      "eagle:CKPT (default: none)")
   p.add_argument("--k", type=int, default=4, help="draft tokens per round (default 4)")
+  p.add_argument("--tree", type=int, default=None,
+                 help="draft a token tree of N nodes instead of a chain (dynamic EAGLE-2 style "
+                      "for model drafters, static templates for ngram/recycling)")
   p.add_argument("--max-new-tokens", type=int, default=128)
   p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
   p.add_argument("--top-k", type=int, default=None)
@@ -98,7 +120,7 @@ def cmd_generate(a) -> int:
   import jaxspec
 
   model = jaxspec.load_model(a.model)
-  drafter = parse_drafter(a.drafter, a.k)
+  drafter = parse_drafter(a.drafter, a.k, a.tree)
   prompt = a.prompt
   if a.chat:
     if model.tokenizer is None or not getattr(model.tokenizer, "chat_template", None):
