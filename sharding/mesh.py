@@ -61,7 +61,7 @@ def _env_int(name: str) -> int | None:
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, **kwargs) -> bool:
+               process_id: int | None = None, *, auto: bool = False, **kwargs) -> bool:
   """Starts `jax.distributed` for a multi-host job; call it before any other JAX work.
 
   Each argument left None falls back to the environment: JAXSPEC_COORDINATOR ("host:port"),
@@ -69,8 +69,16 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   nothing, so single-host scripts can call it unconditionally. Extra keyword arguments go to
   `jax.distributed.initialize` (e.g. `local_device_ids`).
 
+  auto=True (or JAXSPEC_AUTO_DISTRIBUTED=1) lets JAX discover the cluster itself, as it does on
+  Cloud TPU pod slices, SLURM and Open MPI: use it on every host of a TPU pod.
+
   Returns True when it initialized the distributed runtime.
   """
+  if auto or os.environ.get("JAXSPEC_AUTO_DISTRIBUTED") == "1":
+    if jax.distributed.is_initialized():
+      return False
+    jax.distributed.initialize(**kwargs)
+    return True
   if coordinator_address is None:
     coordinator_address = os.environ.get(ENV_COORDINATOR) or None
   if num_processes is None:
