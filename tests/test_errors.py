@@ -245,6 +245,7 @@ def _largest_data_file(params: pathlib.Path) -> pathlib.Path:
     (lambda p: os.truncate(p / "manifest.ocdbt", 10), "damaged Orbax checkpoint"),
 ], ids=["truncated-data", "zeroed-data", "missing-data", "truncated-metadata",
         "missing-metadata", "truncated-manifest"])
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's reader
 def test_damaged_orbax_files(orbax_ckpt, tmp_path, damage, match):
   path = _damaged_copy(orbax_ckpt, tmp_path / "ckpt", damage)
   with pytest.raises(ValueError, match=match):
