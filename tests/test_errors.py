@@ -264,6 +264,9 @@ def test_mesh_that_does_not_divide_the_heads(orbax_ckpt):
   three = sh.make_mesh(data=1, tensor=3, devices=jax.devices()[:3])  # stories260K: 8 heads
   with pytest.raises(ValueError, match="8 query heads are not divisible"):
     jaxspec.load_model("stories260K", mesh=three)
+  stories = jaxspec.load_model("stories260K")
+  with pytest.raises(ValueError, match="8 query heads are not divisible"):
+    jaxspec.generate(stories, ["hi"], mesh=three, max_new_tokens=4)
 
 
 # ----------------------------------------------------------------------------------------------
