@@ -57,6 +57,7 @@ class Stats:
   accept_hist: jax.Array  # [B, depth + 1] rounds by number of accepted drafts
   rounds: jax.Array  # [] loop iterations
   nonfinite: jax.Array  # [B] bool: the target produced a NaN/inf logit for this live row
+  drafted: jax.Array  # [B] drafts handed to verification while live (empty slots excluded)
 
 
 @struct.dataclass
@@ -101,7 +102,8 @@ def _prefill(spec: EngineSpec, tparams, dparams, prompt, prompt_lens, live, inp:
   stats = Stats(target_calls=live.astype(jnp.int32),
                 accept_hist=jnp.zeros((b, spec.depth + 1), jnp.int32),
                 rounds=jnp.zeros((), jnp.int32),
-                nonfinite=live & ~jnp.isfinite(logits).all(axis=-1))
+                nonfinite=live & ~jnp.isfinite(logits).all(axis=-1),
+                drafted=jnp.zeros((b,), jnp.int32))
   return State(seq=seq, n=prompt_lens + 1, prompt_lens=prompt_lens, done=done,
                cache=out.cache.rewind(prompt_lens), dstate=dstate, key=key, stats=stats)
 
@@ -111,7 +113,7 @@ def _draft_and_verify(spec: EngineSpec, tparams, dparams, s: State, r: Round, k_
   n-1+depth with the ancestor mask, then the accepted path moved to contiguous slots.
 
   Returns (dstate, cache, n_acc [B], emit [B, depth+1], hidden along the accepted path,
-  path [B, depth+1] or None for chains, nonfinite [B])."""
+  path [B, depth+1] or None for chains, nonfinite [B], drafts verified [B])."""
   d = spec.drafter
   if d.tree is None:
     dstate, tcache, drafts, dprobs = d.propose(dparams, s.dstate, r)
@@ -120,19 +122,22 @@ def _draft_and_verify(spec: EngineSpec, tparams, dparams, s: State, r: Round, k_
     n_acc, emit = verify.chain(k_verify, drafts, dprobs, out.logits, d.mode, r.sp)
     if getattr(d, "observes_logits", False):
       dstate = d.observe(dparams, dstate, jnp.concatenate([pending, drafts], axis=1), out.logits)
-    return dstate, out.cache, n_acc, emit, out.hidden, None, _nonfinite(out.logits)
+    return (dstate, out.cache, n_acc, emit, out.hidden, None, _nonfinite(out.logits),
+            jnp.sum(drafts >= 0, axis=1))
   dstate, tcache, tree = d.propose_tree(dparams, s.dstate, r)
   depth = d.tree.max_depth
   anc = trees.ancestor_mask(tree.parents, depth)
   out = forward(tparams, spec.target, tree.tokens, tcache,
                 positions=(s.n - 1)[:, None] + tree.depth, tree_mask=anc)
+  children = (jnp.asarray(d.tree.children()) if isinstance(d.tree, trees.Static) else None)
   n_acc, emit, path = verify.tree(k_verify, tree, out.logits, depth, d.tree.max_children, d.mode,
-                                  r.sp)
+                                  r.sp, children)
   if getattr(d, "observes_logits", False):
     dstate = d.observe(dparams, dstate, tree.tokens, out.logits)
   cache = out.cache.gather_slots(s.n - 1, path)
   hidden = jnp.take_along_axis(out.hidden, path[:, :, None], axis=1)  # [B, D+1, Dm]
-  return dstate, cache, n_acc, emit, hidden, path, _nonfinite(out.logits)
+  return (dstate, cache, n_acc, emit, hidden, path, _nonfinite(out.logits),
+          jnp.sum(tree.valid[:, 1:], axis=1))
 
 
 def _nonfinite(logits: jax.Array) -> jax.Array:
@@ -144,8 +149,8 @@ def _round(spec: EngineSpec, tparams, dparams, inp: Inputs, s: State) -> State:
   b = s.seq.shape[0]
   key, k_draft, k_verify = jax.random.split(s.key, 3)
   r = Round(tparams=tparams, tcache=s.cache, seq=s.seq, n=s.n, key=k_draft, sp=inp.sp)
-  dstate, cache, n_acc, emit, hidden, path, bad = _draft_and_verify(spec, tparams, dparams, s,
-                                                                    r, k_verify)
+  dstate, cache, n_acc, emit, hidden, path, bad, drafted = _draft_and_verify(
+      spec, tparams, dparams, s, r, k_verify)
 
   # Commit up to n_acc + 1 tokens, cut at max_new_tokens and at the first stop token.
   live = ~s.done
@@ -170,7 +175,8 @@ def _round(spec: EngineSpec, tparams, dparams, inp: Inputs, s: State) -> State:
   hist = s.stats.accept_hist + (jax.nn.one_hot(n_acc, spec.depth + 1, dtype=jnp.int32) *
                                 live[:, None].astype(jnp.int32))
   stats = Stats(target_calls=s.stats.target_calls + live.astype(jnp.int32), accept_hist=hist,
-                rounds=s.stats.rounds + 1, nonfinite=s.stats.nonfinite | (live & bad))
+                rounds=s.stats.rounds + 1, nonfinite=s.stats.nonfinite | (live & bad),
+                drafted=s.stats.drafted + jnp.where(live, drafted, 0).astype(jnp.int32))
   return s.replace(seq=seq, n=n, done=done, cache=cache, dstate=dstate, key=key, stats=stats)
 
 

@@ -163,6 +163,14 @@ class Static:
       out.append(self.ranks[i] if q == 0 else out[q])
     return tuple(out)
 
+  def children(self) -> np.ndarray:
+    """[N, M] children of each node in index order, -1 padded."""
+    out = np.full((self.n_nodes, self.max_children), -1, np.int32)
+    for i, (q, r) in enumerate(zip(self.parents, self.ranks)):
+      if i:
+        out[q, r] = i
+    return out
+
   def ancestor_mask(self) -> np.ndarray:
     n = self.n_nodes
     m = np.eye(n, dtype=bool)

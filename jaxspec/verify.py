@@ -42,20 +42,23 @@ def greedy(drafts: jax.Array, target_logits: jax.Array) -> tuple[jax.Array, jax.
 def rejection(key: jax.Array, drafts: jax.Array, draft_probs: jax.Array | None,
               target_logits: jax.Array, mode: SamplingMode,
               sp: SamplingParams) -> tuple[jax.Array, jax.Array]:
-  """Lossless rejection sampling. draft_probs: [B, k, V] (already warped) or None (one-hot)."""
+  """Lossless rejection sampling. draft_probs: [B, k, V] (already warped) or None (one-hot).
+  A negative draft id marks an empty slot: it is rejected and the token there comes from p."""
   b, k = drafts.shape
   p = sampling.probs(target_logits, mode, sp)  # [B, k+1, V]
   v = p.shape[-1]
-  p_d = jnp.take_along_axis(p[:, :k], drafts[..., None], axis=-1)[..., 0]  # [B, k]
+  valid = drafts >= 0  # negative ids: empty slots (no draft): rejected, q = 0, residual = p
+  safe = jnp.maximum(drafts, 0)
+  p_d = jnp.take_along_axis(p[:, :k], safe[..., None], axis=-1)[..., 0]  # [B, k]
   if draft_probs is None:
     q = jax.nn.one_hot(drafts, v, dtype=p.dtype)
     q_d = jnp.ones_like(p_d)
   else:
-    q = draft_probs
-    q_d = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
+    q = draft_probs * valid[..., None]
+    q_d = jnp.take_along_axis(q, safe[..., None], axis=-1)[..., 0]
   k_u, k_r = jax.random.split(key)
   u = jax.random.uniform(k_u, (b, k))
-  n_acc = _count_leading(u * q_d < p_d)
+  n_acc = _count_leading((u * q_d < p_d) & valid)
   # Residual at the first rejected position, or p itself at position k (bonus token).
   q_pad = jnp.concatenate([q, jnp.zeros((b, 1, v), q.dtype)], axis=1)  # [B, k+1, V]
   resid = jnp.maximum(p - q_pad, 0.0)
@@ -104,7 +107,8 @@ def tree_greedy(tree, target_logits: jax.Array, max_depth: int):
 
 
 def tree_rejection(key: jax.Array, tree, target_logits: jax.Array, max_depth: int,
-                   max_children: int, mode: SamplingMode, sp: SamplingParams):
+                   max_children: int, mode: SamplingMode, sp: SamplingParams,
+                   children: jax.Array | None = None):
   """Lossless multi-draft sampling over a tree whose siblings are chosen deterministically
   (top-k of a draft, table lookups, n-gram matches).
 
@@ -121,41 +125,46 @@ def tree_rejection(key: jax.Array, tree, target_logits: jax.Array, max_depth: in
   b, n = tree.tokens.shape
   p = sampling.probs(target_logits, mode, sp)  # [B, N, V]
   v = p.shape[-1]
-  children = trees.children_table(tree.parents, tree.valid, max_children)  # [B, N, M]
+  if children is None:  # [B, N, M]; static topologies pass their table precomputed
+    children = trees.children_table(tree.parents, tree.valid, max_children)
+  else:
+    children = jnp.broadcast_to(children, (b, n, max_children))
   rows = jnp.arange(b)
-  cur = jnp.zeros((b,), jnp.int32)
-  active = jnp.ones((b,), bool)
-  n_acc = jnp.zeros((b,), jnp.int32)
-  last = jnp.zeros((b,), jnp.int32)
-  keys = jax.random.split(key, (max_depth + 1) * (max_children + 1))
-  for d in range(max_depth + 1):
-    r = p[rows, cur]  # [B, V]
-    accepted = jnp.zeros((b,), bool)
-    nxt = cur
-    for m in range(max_children):
-      c = children[rows, cur, m]
-      has = (c >= 0) & active & ~accepted
-      x = tree.tokens[rows, jnp.maximum(c, 0)]
+  onehot = lambda x: jax.nn.one_hot(x, v, dtype=p.dtype)
+
+  def level(d, carry):  # one depth: try the current node's children in order
+    cur, active, n_acc, last = carry
+    kd = jax.random.fold_in(key, d)
+
+    def sibling(m, c):
+      r, accepted, nxt = c
+      child = children[rows, cur, m]
+      has = (child >= 0) & active & ~accepted
+      x = tree.tokens[rows, jnp.maximum(child, 0)]
       total = jnp.sum(r, axis=-1)
       px = r[rows, x] / jnp.where(total > 0, total, 1.0)
-      u = jax.random.uniform(keys[d * (max_children + 1) + m], (b,))
-      acc = has & (u < px)
-      accepted = accepted | acc
-      nxt = jnp.where(acc, c, nxt)
-      r = jnp.where((has & ~acc)[:, None], r * (1.0 - jax.nn.one_hot(x, v, dtype=r.dtype)), r)
+      acc = has & (jax.random.uniform(jax.random.fold_in(kd, m), (b,)) < px)
+      r = jnp.where((has & ~acc)[:, None], r * (1.0 - onehot(x)), r)
+      return r, accepted | acc, jnp.where(acc, child, nxt)
+
+    r, accepted, nxt = jax.lax.fori_loop(
+        0, max_children, sibling, (p[rows, cur], jnp.zeros((b,), bool), cur))
     stop = active & ~accepted
     r = jnp.where(jnp.sum(r, -1, keepdims=True) > 0, r, p[rows, cur])  # float-rounding guard
-    drawn = sampling.categorical_from_probs(keys[d * (max_children + 1) + max_children], r)
-    last = jnp.where(stop, drawn, last)
-    n_acc = n_acc + (active & accepted).astype(jnp.int32)
-    cur = nxt
-    active = active & accepted
+    drawn = sampling.categorical_from_probs(jax.random.fold_in(kd, max_children), r)
+    return (nxt, active & accepted, n_acc + (active & accepted).astype(jnp.int32),
+            jnp.where(stop, drawn, last))
+
+  init = (jnp.zeros((b,), jnp.int32), jnp.ones((b,), bool), jnp.zeros((b,), jnp.int32),
+          jnp.zeros((b,), jnp.int32))
+  cur, _, n_acc, last = jax.lax.fori_loop(0, max_depth + 1, level, init)
   path = trees.path_to(tree.parents, tree.depth, cur, max_depth)
   return n_acc, _tree_emit(tree, path, n_acc, last), path
 
 
 def tree(key, tree_arrays, target_logits, max_depth: int, max_children: int,
-         mode: SamplingMode, sp: SamplingParams):
+         mode: SamplingMode, sp: SamplingParams, children=None):
   if mode.greedy:
     return tree_greedy(tree_arrays, target_logits, max_depth)
-  return tree_rejection(key, tree_arrays, target_logits, max_depth, max_children, mode, sp)
+  return tree_rejection(key, tree_arrays, target_logits, max_depth, max_children, mode, sp,
+                        children)

@@ -1,6 +1,7 @@
 """Token trees: topology helpers, lossless greedy and sampled tree verification, cache commit."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -88,6 +89,8 @@ def test_array_helpers():
   assert trees.children_table(par, jnp.ones((1, 6), bool), 2).tolist() == [
       [[1, 2], [3, 4], [5, -1], [-1, -1], [-1, -1], [-1, -1]]]
   assert trees.path_to(par, dep, jnp.asarray([4]), 2).tolist() == [[0, 1, 4]]
+  static = trees.Static((-1, 0, 0, 1, 1, 2))
+  assert static.children().tolist() == trees.children_table(par, jnp.ones((1, 6), bool), 2)[0].tolist()
   assert trees.path_to(par, dep, jnp.asarray([2]), 2).tolist() == [[0, 2, 2]]
   anc = trees.ancestor_mask(par, 2)[0].astype(int)
   assert anc[5].tolist() == [1, 0, 1, 0, 0, 1]
@@ -159,25 +162,33 @@ def _tree_two_tokens(key, target, siblings, mode, sp, sampler=verify.tree_reject
   """A depth-2 tree: root children `siblings` (token ids, duplicates allowed), each with
   children `siblings` again. Target = Markov chain (l0 at the root, l1[t] after token t).
   Returns the first two emitted tokens [N, 2] (a second round from t1 when only one came)."""
-  l0, l1 = (jnp.asarray(x) for x in target)
   m = len(siblings)
   parents = [-1] + [0] * m + [1 + i for i in range(m) for _ in range(m)]
-  tree = trees.Static(tuple(parents))
-  toks = jnp.asarray([0] + list(siblings) + list(siblings) * m, jnp.int32)
-  arrays = tree.arrays(jnp.broadcast_to(toks, (N, tree.n_nodes)))
-  logits = jnp.concatenate([jnp.broadcast_to(l0, (N, 1, V)),
-                            jnp.broadcast_to(l1[toks[1:1 + m]], (N, m, V)),
-                            jnp.zeros((N, m * m, V))], axis=1)
+  toks = np.asarray([0] + list(siblings) + list(siblings) * m, np.int32)
+  out = _two_tokens_jit(key, tuple(jnp.asarray(x) for x in target), jnp.asarray(toks), mode, sp,
+                        sampler, trees.Static(tuple(parents)), trees.Static(tuple([-1] + [0] * m)))
+  return np.asarray(out)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 5, 6, 7))
+def _two_tokens_jit(key, target, toks, mode, sp, sampler, tree, t1):
+  # Everything batch-sized derives from traced inputs: XLA would otherwise constant-fold
+  # arrays of N rows at compile time.
+  l0, l1 = target
+  m = t1.n_nodes - 1
+  rows = jnp.zeros((N, 1), jnp.int32) + jax.random.randint(key, (N, 1), 0, 1)
+  arrays = tree.arrays(rows + toks[None, :])
+  logits = jnp.concatenate([rows[:, :, None] + l0[None, None, :],
+                            rows[:, :, None] + l1[toks[1:1 + m]][None, :, :],
+                            jnp.zeros((N, m * m, V)) + 0 * l0[0]], axis=1)
   k1, k2 = jax.random.split(key)
-  n_acc, out, _ = sampler(k1, arrays, logits, 2, m, mode, sp)
+  n_acc, out, _ = sampler(k1, arrays, logits, 2, m, mode, sp, jnp.asarray(tree.children()))
   first = out[:, 0]
   # Rows with one token continue from t1 with a fresh one-level tree of the same siblings.
-  t1 = trees.Static(tuple([-1] + [0] * m))
-  a2 = t1.arrays(jnp.concatenate([first[:, None], jnp.broadcast_to(
-      jnp.asarray(siblings, jnp.int32), (N, m))], axis=1))
-  l2 = jnp.concatenate([l1[first][:, None], jnp.zeros((N, m, V))], axis=1)
-  _, out2, _ = sampler(k2, a2, l2, 1, m, mode, sp)
-  return np.asarray(jnp.stack([first, jnp.where(n_acc >= 1, out[:, 1], out2[:, 0])], 1))
+  a2 = t1.arrays(jnp.concatenate([first[:, None], rows + toks[None, 1:1 + m]], axis=1))
+  l2 = jnp.concatenate([l1[first][:, None], jnp.zeros((N, m, V)) + 0 * l0[0]], axis=1)
+  _, out2, _ = sampler(k2, a2, l2, 1, m, mode, sp, jnp.asarray(t1.children()))
+  return jnp.stack([first, jnp.where(n_acc >= 1, out[:, 1], out2[:, 0])], 1)
 
 
 SIBLINGS = {
@@ -188,8 +199,10 @@ SIBLINGS = {
 }
 
 
-@pytest.mark.parametrize("mode_name", ["t1", "t0.7_topk3", "topk4_topp0.7"])
-@pytest.mark.parametrize("sib", list(SIBLINGS))
+@pytest.mark.parametrize("sib,mode_name", [
+    ("distinct", "t1"), ("distinct", "topk4_topp0.7"), ("duplicates", "t1"),
+    ("duplicates", "t0.7_topk3"), ("all_rejected", "t1"), ("all_rejected", "topk4_topp0.7"),
+    ("single", "t1")])
 def test_tree_sampling_is_lossless(sib, mode_name):
   from test_verify import MODES
   target = _markov(21)
@@ -203,7 +216,7 @@ def test_tree_sampling_is_lossless(sib, mode_name):
   assert chi2_pvalue(samples, _law(*target, mode, sp)) > P_MIN
 
 
-def _tree_no_residual(key, tree, logits, depth, m, mode, sp):
+def _tree_no_residual(key, tree, logits, depth, m, mode, sp, children=None):
   """BROKEN: tries every sibling against the unmodified target distribution."""
   p = sampling.probs(logits, mode, sp)
   b = tree.tokens.shape[0]
