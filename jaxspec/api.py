@@ -37,6 +37,10 @@ class Stats:
   run_s: float
   tokens_per_s: float
   k: int
+  drafts_proposed: int = 0  # draft slots per row and live round, summed (k per round for chains)
+  drafts_verified: int = 0  # of those, drafts handed to verification (confidence stops leave
+  #                           the rest empty; equal to drafts_proposed without stop_below)
+  policy: object = None  # the adaptive.Choice behind this run (generate(..., adaptive=True))
 
   @property
   def per_row_mean_accepted(self) -> list[float]:
@@ -193,14 +197,24 @@ def _rounds(model: Model, pr: _Prepared, state, max_rounds: int):
 
 def generate(model: Model, prompts, *, drafter=None, max_new_tokens: int = 128,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int = 0, stop_tokens=None, mesh=None) -> Result:
+             seed: int = 0, stop_tokens=None, mesh=None, adaptive: bool = False) -> Result:
   """Generates up to `max_new_tokens` per prompt; speculative when `drafter` is given.
 
   Lossless either way: greedy output equals plain greedy decoding token for token, and sampled
   output follows the target's own distribution.
   stop_tokens: None (the tokenizer's EOS ids), () (never stop early), a list of ids, or one list
   per prompt.
+  adaptive: pick the drafter's k, or plain decoding, for this model, batch bucket and drafter
+  from measured costs and acceptance (`jaxspec.adaptive.choose_k`; measured once, cached);
+  the choice is in `stats.policy`.
   """
+  choice = None
+  if adaptive and drafter is not None:
+    from jaxspec import adaptive as _adaptive
+    choice = _adaptive.choose_k(model, drafter, prompts=prompts, max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                stop_tokens=stop_tokens, mesh=mesh)
+    drafter = choice.drafter
   pr = _prepare(model, prompts, drafter=drafter, max_new_tokens=max_new_tokens,
                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                 stop_tokens=stop_tokens, mesh=mesh)
@@ -208,12 +222,18 @@ def generate(model: Model, prompts, *, drafter=None, max_new_tokens: int = 128,
   t0 = time.perf_counter()
   state, c1 = _start(model, pr)
   state, c2 = _rounds(model, pr, state, 1 << 30)
-  seq, n, lens, calls, hist, rounds, bad = _fetch(
+  seq, n, lens, calls, hist, rounds, bad, drafted = _fetch(
       (state.seq, state.n, state.prompt_lens, state.stats.target_calls, state.stats.accept_hist,
-       state.stats.rounds, state.stats.nonfinite))
+       state.stats.rounds, state.stats.nonfinite, state.stats.drafted))
   run_s = time.perf_counter() - t0 - c1 - c2
   _check_finite(model, bad[:pr.batch])
-  return _result(model, pr, seq, n, lens, calls, hist, rounds, c1 + c2, run_s)
+  out = _result(model, pr, seq, n, lens, calls, hist, rounds, c1 + c2, run_s)
+  d = pr.spec.drafter
+  slots = d.k if d.tree is None else d.tree.n_nodes - 1
+  out.stats.drafts_proposed = (out.stats.target_calls - pr.batch) * slots
+  out.stats.drafts_verified = int(drafted[:pr.batch].sum())
+  out.stats.policy = choice
+  return out
 
 
 def _fetch(tree):

@@ -10,24 +10,54 @@ import jax.numpy as jnp
 from jaxspec import sampling
 from jaxspec.sampling import SamplingMode, SamplingParams
 
+INVALID = -1  # a draft slot left empty: never accepted, verification stops there
+
+
+def check_stop_below(stop_below, tree=None) -> float | None:
+  if stop_below is None:
+    return None
+  if isinstance(stop_below, bool) or not isinstance(stop_below, (int, float)) or not (
+      0.0 <= stop_below < 1.0):
+    raise ValueError(f"stop_below must be a probability in [0, 1), got {stop_below!r}")
+  if tree is not None:
+    raise ValueError("stop_below applies to chains; token trees size themselves (tree=None)")
+  return float(stop_below)
+
+
+def _confidence(logits: jax.Array, q: jax.Array | None) -> jax.Array:
+  """[B] top-1 probability of the distribution a draft was taken from."""
+  return jnp.max(jax.nn.softmax(logits, axis=-1) if q is None else q, axis=-1)
+
 
 def draft_chain(step: Callable, carry, first_logits: jax.Array, k: int, key: jax.Array,
-                mode: SamplingMode, sp: SamplingParams):
+                mode: SamplingMode, sp: SamplingParams, stop_below: float | None = None):
   """Samples k tokens: the first from `first_logits` [B, V], then `step(carry, tok) -> (carry,
   logits)` feeds each drafted token back. Returns (carry, tokens [B, k], probs [B, k, V] | None).
 
   Exactly k - 1 calls of `step` (the logits of the last drafted token are never needed).
+
+  stop_below: confidence-based draft length inside the fixed shape. After the first position
+  whose draft top-1 probability is below it, a row's remaining drafts are `INVALID` (never
+  accepted, so verification stops there and the target's own token at that position keeps the
+  round exact), and `step` is skipped once every row has stopped.
   """
   keys = jax.random.split(key, k)
   tok, q = sampling.sample(keys[0], first_logits, mode, sp)
+  go = None if stop_below is None else _confidence(first_logits, q) >= stop_below
 
   def body(c, key_j):
-    carry, tok = c
-    carry, logits = step(carry, tok)
+    carry, tok, go = c
+    if go is None:
+      carry, logits = step(carry, tok)
+    else:  # every row stopped: skip the draft forward
+      carry, logits = jax.lax.cond(jnp.any(go), step,
+                                   lambda cr, _: (cr, jnp.zeros_like(first_logits)), carry, tok)
     t, q = sampling.sample(key_j, logits, mode, sp)
-    return (carry, t), (t, q)
+    if go is None:
+      return (carry, t, go), (t, q)
+    return (carry, t, go & (_confidence(logits, q) >= stop_below)), (jnp.where(go, t, INVALID), q)
 
-  (carry, _), (toks, qs) = jax.lax.scan(body, (carry, tok), keys[1:])
+  (carry, _, _), (toks, qs) = jax.lax.scan(body, (carry, tok, go), keys[1:])
   tokens = jnp.concatenate([tok[:, None], toks.T], axis=1)  # [B, k]
   probs = None if q is None else jnp.concatenate([q[:, None], jnp.swapaxes(qs, 0, 1)], axis=1)
   return carry, tokens, probs

@@ -10,13 +10,14 @@ import jax.numpy as jnp
 from jaxspec.models import KVCache, Model, ModelConfig, forward
 
 from .base import DrafterSpec, Round, check_k, check_tree, last_tokens
-from .chain import draft_chain
+from .chain import check_stop_below, draft_chain
 from .tree_draft import grow
 
 
 @dataclasses.dataclass(frozen=True)
 class DraftModelSpec(DrafterSpec):
   draft: ModelConfig | None = None
+  stop_below: float | None = None
 
   @property
   def draft_forwards(self) -> int:
@@ -63,7 +64,7 @@ class DraftModelSpec(DrafterSpec):
       return o.cache, o.logits[:, 0]
 
     cache, tokens, probs = draft_chain(step, out.cache, out.logits[:, 1], self.k, r.key,
-                                       self.mode, r.sp)
+                                       self.mode, r.sp, self.stop_below)
     return cache, r.tcache, tokens, probs
 
 
@@ -75,15 +76,20 @@ class DraftModel:
     draft_model: a `jaxspec.Model` (e.g. from `jaxspec.load_model`).
     k: tokens proposed per round.
     tree: token-tree spec (see `jaxspec.trees`); None drafts a chain.
+    stop_below: confidence-based draft length (chains): a row stops drafting after the first
+      position whose draft top-1 probability is below this; its remaining slots are left empty
+      (never accepted; lossless) and draft forwards are skipped once every row has stopped.
   """
 
   draft_model: Model
   k: int = 4
   tree: object = None
+  stop_below: float | None = None
 
   def __post_init__(self):
     check_k(self.k)
     object.__setattr__(self, "tree", check_tree(self.tree))
+    object.__setattr__(self, "stop_below", check_stop_below(self.stop_below, self.tree))
     if not isinstance(self.draft_model, Model):
       raise TypeError(f"DraftModel expects a jaxspec Model, got {type(self.draft_model).__name__}")
 
@@ -99,5 +105,6 @@ class DraftModel:
       if dt.encode(probe) != tt.encode(probe) or tuple(dt.eos_ids) != tuple(tt.eos_ids):
         raise ValueError(f"draft {self.draft_model.name!r} and target {target.name!r} have the "
                          f"same vocabulary size but different tokenizers")
-    spec = DraftModelSpec(k=self.k, target=t, draft=d, tree=self.tree)
+    spec = DraftModelSpec(k=self.k, target=t, draft=d, tree=self.tree,
+                          stop_below=self.stop_below)
     return spec, self.draft_model.params

@@ -13,13 +13,14 @@ import dataclasses
 from jaxspec.models import Model, forward
 
 from .base import DrafterSpec, Round, check_k, check_tree, last_tokens
-from .chain import draft_chain
+from .chain import check_stop_below, draft_chain
 from .tree_draft import grow
 
 
 @dataclasses.dataclass(frozen=True)
 class EarlyExitSpec(DrafterSpec):
   layers: int = 1
+  stop_below: float | None = None
 
   @property
   def draft_forwards(self) -> int:
@@ -33,7 +34,8 @@ class EarlyExitSpec(DrafterSpec):
       return o.cache, o.logits[:, 0]
 
     cache, first = step(r.tcache, last_tokens(r.seq, r.n, 1)[:, 0])
-    cache, tokens, probs = draft_chain(step, cache, first, self.k, r.key, self.mode, r.sp)
+    cache, tokens, probs = draft_chain(step, cache, first, self.k, r.key, self.mode, r.sp,
+                                       self.stop_below)
     return dstate, cache.rewind(r.n - 1), tokens, probs
 
   def propose_tree(self, params, dstate, r: Round):
@@ -52,15 +54,18 @@ class EarlyExitSpec(DrafterSpec):
 
 @dataclasses.dataclass(frozen=True)
 class EarlyExit:
-  """Drafts with the target's first `layers` layers, then its final norm and head."""
+  """Drafts with the target's first `layers` layers, then its final norm and head.
+  stop_below: confidence-based draft length, as for `DraftModel`."""
 
   layers: int = 2
   k: int = 4
   tree: object = None
+  stop_below: float | None = None
 
   def __post_init__(self):
     check_k(self.k)
     object.__setattr__(self, "tree", check_tree(self.tree))
+    object.__setattr__(self, "stop_below", check_stop_below(self.stop_below, self.tree))
     if not isinstance(self.layers, int) or self.layers < 1:
       raise ValueError(f"EarlyExit layers must be a positive integer, got {self.layers!r}")
 
@@ -68,4 +73,5 @@ class EarlyExit:
     if self.layers >= target.config.n_layers:
       raise ValueError(f"EarlyExit(layers={self.layers}) must use fewer layers than the target "
                        f"has ({target.config.n_layers})")
-    return EarlyExitSpec(k=self.k, target=target.config, layers=self.layers, tree=self.tree), None
+    return EarlyExitSpec(k=self.k, target=target.config, layers=self.layers, tree=self.tree,
+                         stop_below=self.stop_below), None
