@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
   p.add_argument("--out", default=DEFAULT_OUT, help="markdown report to update ('-' = stdout only)")
   p.add_argument("--plot", default=None, help="PNG plot path (default: next to --out)")
+  from jaxspec import peers, perf  # --compare-transformers; --batch-sizes and --roofline
+  peers.add_arguments(p)
+  perf.add_arguments(p)
 
 
 def load_prompts(path: str | None, limit: int, categories: str | None) -> list[dict]:
@@ -200,6 +203,9 @@ def main(a) -> int:
   import jaxspec
   from jaxspec.cli import parse_drafter
 
+  if getattr(a, "roofline", False) or getattr(a, "batch_sizes", None):
+    from jaxspec import perf
+    return perf.roofline_main(a) if a.roofline else perf.batch_main(a)
   model = jaxspec.load_model(a.model)
   if model.tokenizer is None:
     raise ValueError(f"{a.model}: bench needs a model with a tokenizer")
@@ -214,6 +220,9 @@ def main(a) -> int:
     if a.tree or n == "recycling":
       d = parse_drafter(n, a.k, a.tree)
       methods.append((f"{n} tree={d.tree.n_nodes}", d))
+  if getattr(a, "compare_transformers", False):
+    from jaxspec import peers
+    methods += peers.jaxspec_methods(model, a)
   t0 = time.perf_counter()
   results = run(model, prompts, methods, max_new_tokens=a.max_new_tokens, chat=a.chat)
   cats, table = summarize(results)
@@ -222,6 +231,9 @@ def main(a) -> int:
               f"max_new_tokens={a.max_new_tokens}, k={a.k}, tree={a.tree}, "
               f"{time.perf_counter() - t0:.0f} s total")
   md = markdown(model.name, command, cats, table, results, settings)
+  if getattr(a, "compare_transformers", False):
+    from jaxspec import peers
+    md += "\n" + peers.compare(model, a, prompts, results)[0]
   print(md)
   if a.out != "-":
     png = a.plot or os.path.join(os.path.dirname(os.path.abspath(a.out)),
