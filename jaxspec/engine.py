@@ -196,7 +196,10 @@ _FNS = {"prefill": (_prefill, ()), "run": (_run, (4,))}  # function, donated arg
 
 
 def _signature(args) -> tuple:
-  return tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(args))
+  """Shapes, dtypes and placements: an executable only accepts arguments laid out as it was
+  compiled for (a model loaded onto a mesh needs its own program)."""
+  return tuple((x.shape, str(x.dtype), getattr(x, "sharding", None))
+               for x in jax.tree.leaves(args))
 
 
 def state_shardings(tree, mesh):

@@ -99,8 +99,15 @@ class SentencePieceTokenizer(Tokenizer):
     return list(self._sp.EncodeAsIds(text)) if text else []
 
   def decode(self, ids: Sequence[int]) -> str:
-    ids = [int(i) for i in ids if int(i) not in (self.bos_id, *self.eos_ids)]
-    return self._sp.DecodeIds(ids)
+    ids = [int(i) for i in ids]
+    starts_text = bool(ids) and ids[0] == self.bos_id
+    ids = [i for i in ids if i not in (self.bos_id, *self.eos_ids)]
+    text = self._sp.DecodeIds(ids)
+    # SentencePiece drops the word-boundary space of the first piece, which is right at the
+    # start of a text (after BOS) but loses the space between a prompt and its continuation.
+    if ids and not starts_text and self._sp.IdToPiece(ids[0]).startswith("\u2581"):
+      text = " " + text
+    return text
 
 
 class HFTokenizer(Tokenizer):

@@ -108,3 +108,13 @@ def test_two_processes_match_single_process(stories):
           "tree": jaxspec.generate(stories, prompts, drafter=drafters.EarlyExit(
               layers=3, tree=TREE), max_new_tokens=16, stop_tokens=()).tokens}
   assert results[0] == results[1] == want
+
+
+def test_sharded_model_without_mesh_argument(stories, single):
+  """A model already placed on a mesh works without mesh= (its own program, not a stale one
+  compiled for unsharded arguments of the same shapes)."""
+  mesh = sharding.make_mesh(data=2, tensor=4)
+  model = jaxspec.Model(stories.config, sharding.shard_params(stories.params, mesh),
+                        stories.tokenizer, stories.name)
+  out = jaxspec.generate(model, PROMPTS, drafter=chain(), max_new_tokens=N_NEW, stop_tokens=())
+  assert out.tokens == single["chain"]
