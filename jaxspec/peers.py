@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import os
 import time
 import warnings
 
@@ -165,9 +164,16 @@ def to_transformers(model, *, n_layers: int | None = None, dtype=None):
                      f"{unexpected[:5]}")
   if c.tied_embeddings:
     m.tie_weights()
-  m = m.to(dtype).eval()
+  m = m.to(device=_default_device(), dtype=dtype).eval()
   _greedy_generation_config(m, eos)
   return m
+
+
+def _default_device():
+  """The accelerator torch sees (CUDA), else the CPU: the same hardware as jaxspec."""
+  import torch
+
+  return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _greedy_generation_config(m, eos) -> None:
@@ -193,7 +199,7 @@ def load_transformers(source: str, model=None, *, n_layers: int | None = None):
     import transformers
 
     m = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=_torch_dtype(model))
-    m = m.eval()
+    m = m.to(_default_device()).eval()
     tok = model.tokenizer if model is not None else None
     _greedy_generation_config(m, list(tok.eos_ids) if tok is not None and tok.eos_ids
                               else None)
@@ -259,12 +265,33 @@ class Method:
   name: str
   kwargs: dict
   count_calls: bool = True  # a forward hook (off where generate may torch.compile the forward)
+  static_len: int | None = None  # one StaticCache of this many slots, reset and reused per call
+  _cache: object = None
+
+  def call_kwargs(self, m) -> dict:
+    if self.static_len is None:
+      return self.kwargs
+    if self._cache is None:
+      try:
+        from transformers import StaticCache
+
+        self._cache = StaticCache(config=m.config, max_cache_len=self.static_len)
+      except Exception:  # an older or newer signature: let generate build one per call
+        self.static_len = None
+        return self.kwargs
+    else:
+      self._cache.reset()
+    # A fixed-size cache keeps one shape for every prompt (no torch.compile per prompt length).
+    return {**{k: v for k, v in self.kwargs.items() if k != "cache_implementation"},
+            "past_key_values": self._cache}
 
 
-def hf_methods(k: int, assistant=None, static_cache: bool = True) -> list[Method]:
+def hf_methods(k: int, assistant=None, static_cache: bool = True,
+               static_len: int | None = None) -> list[Method]:
   out = []
   if static_cache:
-    out.append(Method(HF_METHODS[0], {"cache_implementation": "static"}, count_calls=False))
+    out.append(Method(HF_METHODS[0], {"cache_implementation": "static"}, count_calls=False,
+                      static_len=static_len))
   out.append(Method(HF_METHODS[1], {}))
   out.append(Method(HF_METHODS[2], {"prompt_lookup_num_tokens": k}))
   if assistant is not None:
@@ -286,7 +313,7 @@ def hf_generate(m, ids: list[int], max_new_tokens: int, method: Method):
       _sync(m)
       t0 = time.perf_counter()
       out = m.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                       do_sample=False, **method.kwargs)
+                       do_sample=False, **method.call_kwargs(m))
       _sync(m)
       dt = time.perf_counter() - t0
   finally:
@@ -399,7 +426,8 @@ def compare(model, a, prompts: list[dict], results: dict, *, progress: bool = Tr
     else:
       assistant = to_transformers(asst_jax)
   load_s = time.perf_counter() - t0
-  methods = hf_methods(a.k, assistant)
+  longest = max(len(x) for x in ids) + a.max_new_tokens
+  methods = hf_methods(a.k, assistant, static_len=-(-longest // 128) * 128)
   peers = run(m, ids, cats, methods, max_new_tokens=a.max_new_tokens, progress=progress)
   info = dict(load_s=load_s, torch=torch.__version__, threads=torch.get_num_threads(),
               device=str(_device(m)), dtype=str(next(m.parameters()).dtype),

@@ -24,7 +24,6 @@ import shlex
 import sys
 import time
 
-import numpy as np
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -103,11 +102,15 @@ def _command() -> str:
 
 
 def _write(a, key: str, md: str) -> None:
+  """Prints the section and replaces its block (one per model and device kind) in --out."""
+  import jax
+
   from jaxspec import bench
 
   print(md)
   if a.out != "-":
-    bench.update_report(a.out, key, md)
+    dev = jax.devices()[0]
+    bench.update_report(a.out, f"{key}:{getattr(dev, 'device_kind', dev.platform)}", md)
 
 
 # ------------------------------------------------------------------------------ batch scaling
@@ -379,6 +382,5 @@ def roofline_main(a) -> int:
   settings = (f"context {a.context}, bandwidth probe {mib} MiB, "
               f"{time.perf_counter() - t0:.0f} s total")
   md = roofline_markdown(r, settings)
-  dev = jax.devices()[0]
-  _write(a, f"roofline:{name}:{getattr(dev, 'device_kind', dev.platform)}", md)
+  _write(a, f"roofline:{name}", md)
   return 0
