@@ -33,6 +33,25 @@ def smollm():
   return jaxspec.load_model(str(SMOLLM_GGUF), progress=False)
 
 
+@pytest.fixture(scope="module")
+def fast_compile():
+  """For compile-bound test modules: most XLA optimizations off (as flax's lm1b tests do).
+  Use with `pytestmark = pytest.mark.usefixtures("fast_compile")`."""
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
+
+
+def truncated(model, layers: int):
+  """A separate, smaller model with the same tokenizer: the target's first `layers` layers."""
+  import dataclasses
+  from jaxspec.models import Model
+  cfg = dataclasses.replace(model.config, n_layers=layers)
+  params = dict(model.params, layers=jax.tree.map(lambda w: w[:layers], model.params["layers"]))
+  return Model(cfg, params, model.tokenizer, name=f"{model.name}[:{layers}]")
+
+
 def tiny_config(**kw):
   from jaxspec.models import ModelConfig
   base = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=64,

@@ -1,26 +1,16 @@
 """Speculative decoding: exact greedy equality, hand-computable mock drafters, no recompiles."""
 
-import dataclasses
 import math
 
-import jax
-import numpy as np
 import pytest
 
 import jaxspec
 from jaxspec import drafters, engine
-from jaxspec.models import Model
+from conftest import truncated
 
 PROMPTS = ["Once upon a time", "Tom and his dog went to the", "The little bird",
            "Lily wanted to play with her friend in the big park. She said"]
 N_NEW = 24
-
-
-def truncated(model: Model, layers: int) -> Model:
-  """A separate, smaller model with the same tokenizer: the target's first `layers` layers."""
-  cfg = dataclasses.replace(model.config, n_layers=layers)
-  params = dict(model.params, layers=jax.tree.map(lambda w: w[:layers], model.params["layers"]))
-  return Model(cfg, params, model.tokenizer, name=f"{model.name}[:{layers}]")
 
 
 @pytest.fixture(scope="module")

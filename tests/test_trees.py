@@ -1,6 +1,5 @@
 """Token trees: topology helpers, lossless greedy and sampled tree verification, cache commit."""
 
-import dataclasses
 import functools
 
 import jax
@@ -10,7 +9,8 @@ import pytest
 
 import jaxspec
 from jaxspec import api, drafters, sampling, trees, verify
-from jaxspec.models import KVCache, Model, forward
+from jaxspec.models import KVCache, forward
+from conftest import truncated
 
 from test_verify import V, N, P_MIN, _law, _markov, chi2_pvalue
 
@@ -19,12 +19,6 @@ PROMPTS = ["Once upon a time", "Tom and his dog went to the", "The little bird",
 N_NEW = 24
 STATIC = trees.Static.from_branching((3, 2, 1))
 DYNAMIC = trees.Dynamic(nodes=12, topk=3, depth=4)
-
-
-def truncated(model: Model, layers: int) -> Model:
-  cfg = dataclasses.replace(model.config, n_layers=layers)
-  params = dict(model.params, layers=jax.tree.map(lambda w: w[:layers], model.params["layers"]))
-  return Model(cfg, params, model.tokenizer, name=f"{model.name}[:{layers}]")
 
 
 @pytest.fixture(scope="module")
