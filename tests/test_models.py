@@ -23,13 +23,7 @@ FWD = jax.jit(forward, static_argnums=(1,), static_argnames=("n_layers", "logits
 ATOL = 2e-5  # fp32: cached and uncached paths differ only in reduction order
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-  """These tests are compile-bound: turn most XLA optimizations off (as flax's lm1b tests do)."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def _randomize_norms(params, seed=1):
