@@ -53,14 +53,22 @@ def eagle_head(stories, runs):
   return _train(stories, "eagle", runs / "eagle")
 
 
+def _reuse_data(runs, name):
+  """The same settings make the same data: reuse the eagle run's (skips regeneration)."""
+  if not os.path.exists(runs / name):
+    shutil.copytree(runs / "eagle" / "data", runs / name / "data")
+
+
 @pytest.fixture(scope="module")
-def medusa_heads(stories, runs):
+def medusa_heads(stories, runs, eagle_head):
+  _reuse_data(runs, "medusa")
   return _train(stories, "medusa", runs / "medusa")
 
 
 @pytest.fixture(scope="module")
-def distilled(stories, runs):
-  return _train(stories, "distill", runs / "distill", eval_every=0, layers=2)
+def distilled(stories, runs, eagle_head):
+  _reuse_data(runs, "distill")  # the first num_prompts of the split are the same
+  return _train(stories, "distill", runs / "distill", eval_every=0, eval_prompts=0, layers=2)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +152,7 @@ def test_resume_is_bit_exact(stories, eagle_head, runs):
     _train(stories, "eagle", out, lr=1e-3)
 
 
-def test_head_checkpoints_round_trip(stories, eagle_head, medusa_heads, runs, tmp_path):
+def test_head_checkpoints_round_trip(stories, plain, eagle_head, medusa_heads, runs, tmp_path):
   for head, cls, kind in [(eagle_head, drafters.EagleHead, "eagle"),
                           (medusa_heads, drafters.MedusaHeads, "medusa")]:
     saved = cls.load(runs / kind)  # the run directory finds its drafter/
@@ -157,12 +165,14 @@ def test_head_checkpoints_round_trip(stories, eagle_head, medusa_heads, runs, tm
     _same(head.params, jaxspec.checkpoint.load_head(
         jaxspec.save_checkpoint(head, tmp_path / f"{kind}2")).params)
   # Loaded heads (and the CLI's eagle:DIR / medusa:DIR) draft like the originals.
-  plain = jaxspec.generate(stories, PROMPTS[:1], max_new_tokens=8, stop_tokens=())
-  for spec in [f"eagle:{runs / 'eagle'}", f"medusa:{tmp_path / 'medusa'}"]:
+  for spec, head in [(f"eagle:{runs / 'eagle'}", eagle_head),
+                     (f"medusa:{tmp_path / 'medusa'}", medusa_heads)]:
     d = parse_drafter(spec, k=4)
     assert isinstance(d, (drafters.Eagle, drafters.Medusa))
-    assert jaxspec.generate(stories, PROMPTS[:1], drafter=d, max_new_tokens=8,
-                            stop_tokens=()).tokens == plain.tokens
+    a = jaxspec.generate(stories, PROMPTS, drafter=d, max_new_tokens=N_NEW, stop_tokens=())
+    b = jaxspec.generate(stories, PROMPTS, drafter=type(d)(head, k=4), max_new_tokens=N_NEW,
+                         stop_tokens=())
+    assert a.tokens == plain.tokens and a.stats.accepted == b.stats.accepted
 
 
 def test_head_errors(stories, eagle_head, medusa_heads, runs):
