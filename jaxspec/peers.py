@@ -48,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       "draft:SRC beside it); default: the target's first 3/4 of layers")
   p.add_argument("--assistant-layers", type=int, default=None,
                  help="layers of the truncated-target assistant (default 3/4 of the depth)")
+  p.add_argument("--torch-threads", type=int, default=None,
+                 help="torch intra-op threads for the transformers runs (default: torch's "
+                      "own; 1 is much faster for small models on a busy CPU)")
 
 
 # ------------------------------------------------------------------------------------- models
@@ -410,6 +413,8 @@ def compare(model, a, prompts: list[dict], results: dict, *, progress: bool = Tr
 
   ids = encode(model, prompts, a.max_new_tokens, a.chat)
   cats = [p["category"] for p in prompts]
+  if getattr(a, "torch_threads", None):
+    torch.set_num_threads(a.torch_threads)
   t0 = time.perf_counter()
   m = load_transformers(a.model, model)
   ok, want, got = check_greedy(model, m, ids[0])
