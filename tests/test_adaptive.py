@@ -11,13 +11,7 @@ from jaxspec import adaptive, cli, drafters, peers, verify
 from jaxspec.adaptive import Costs
 from jaxspec.sampling import SamplingMode
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-  """Compile-bound tests: turn most XLA optimizations off."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 PROMPTS = ["Once upon a time", "Tom and his dog went to the", "The little bird",

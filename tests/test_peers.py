@@ -3,7 +3,6 @@ RoPE layouts) and `jaxspec bench --compare-transformers` end to end."""
 
 import dataclasses
 
-import jax
 import numpy as np
 import pytest
 
@@ -16,12 +15,7 @@ from jaxspec import cli, peers  # noqa: E402
 from conftest import tiny_model  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 CASES = {
