@@ -9,14 +9,12 @@ by prompt, after a warm-up that compiles every program, so compile time is repor
 from __future__ import annotations
 
 import argparse
-import collections
-import json
 import os
 import platform
 import shlex
 import sys
 import time
-from importlib import resources
+from jaxspec import prompts as prompts_lib
 
 DEFAULT_OUT = "docs/benchmarks.md"
 
@@ -43,29 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_prompts(path: str | None, limit: int, categories: str | None) -> list[dict]:
-  if path is None:
-    path = str(resources.files("jaxspec") / "_data" / "spec_bench" / "question.jsonl")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"prompt file not found: {path}")
+  """The first `limit` prompts of each Spec-Bench task (MT-bench grouped as one task)."""
   want = None if not categories else set(categories.split(","))
-  per_cat: dict[str, list[dict]] = collections.defaultdict(list)
-  with open(path) as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        q = json.loads(line)
-        text = q["turns"][0] if "turns" in q else q["prompt"]
-      except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
-        raise ValueError(f"{path}:{line_no}: not a Spec-Bench prompt line ({e})") from None
-      cat = q.get("category", "all")
-      # Spec-Bench groups the 80 MT-bench questions (8 categories) as one task.
-      task = "mt_bench" if len(q.get("turns", ())) > 1 else cat
-      if want and task not in want and cat not in want:
-        continue
-      if len(per_cat[task]) < limit:
-        per_cat[task].append({"category": task, "text": text})
-  return [p for cat in per_cat for p in per_cat[cat]]
+  qs = prompts_lib.by_task(prompts_lib.spec_bench(path), limit=limit, tasks=want)
+  return [{"category": q["task"], "text": q["text"]} for q in qs]
 
 
 def default_drafters(n_layers: int) -> list[str]:

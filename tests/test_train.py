@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import jaxspec
-from jaxspec import checkpoint, drafters
+from jaxspec import checkpoint, drafters, trees
 from jaxspec.cli import parse_drafter
 from jaxspec.models import Model
 
@@ -114,6 +114,43 @@ def test_trained_sampling_runs(request, stories, kind):
   assert out.stats.mean_accepted > 1.0
 
 
+def _drafter(request, kind, **kw):
+  if kind == "eagle":
+    return drafters.Eagle(request.getfixturevalue("eagle_head"), **kw)
+  return drafters.Medusa(request.getfixturevalue("medusa_heads"), **kw)
+
+
+def _run(stories, d, **kw):
+  return jaxspec.generate(stories, PROMPTS, drafter=d, max_new_tokens=N_NEW, stop_tokens=(), **kw)
+
+
+@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+def test_single_chain_tree_drafts_like_the_chain(request, stories, plain, kind):
+  """A one-path tree proposes exactly the chain's greedy drafts: same output AND the same
+  per-row acceptance, which pins the tree path's positions, parent features, masks and commit."""
+  chain = _run(stories, _drafter(request, kind, k=4))
+  tree = _run(stories, _drafter(request, kind, tree=trees.Static.chains(1, 4)))
+  assert tree.tokens == chain.tokens == plain.tokens
+  assert tree.stats.accepted == chain.stats.accepted
+  assert tree.stats.target_calls == chain.stats.target_calls
+
+
+TREES = {"static": trees.Static.from_branching((3, 2, 1, 1)),
+         "dynamic": trees.Dynamic(nodes=16, topk=3, depth=4)}
+
+
+@pytest.mark.parametrize("tree", ["static", "dynamic"])
+@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+def test_trained_tree_greedy_equals_plain(request, stories, plain, kind, tree):
+  chain = _run(stories, _drafter(request, kind, k=4))
+  out = _run(stories, _drafter(request, kind, tree=TREES[tree]))
+  assert out.tokens == plain.tokens
+  assert out.stats.new_tokens == N_NEW * len(PROMPTS)
+  assert out.stats.mean_accepted > chain.stats.mean_accepted  # branches catch more
+  sampled = _run(stories, _drafter(request, kind, tree=TREES[tree]), temperature=0.8, seed=3)
+  assert [len(t) for t in sampled.tokens] == [N_NEW] * 4 and sampled.stats.mean_accepted > 1.0
+
+
 def test_distill_draft_model_is_lossless(stories, plain, distilled, runs):
   assert isinstance(distilled, Model) and distilled.config.n_layers == 2
   hist = [h["loss"] for h in _history(runs / "distill") if "loss" in h]
@@ -188,10 +225,10 @@ def test_head_errors(stories, eagle_head, medusa_heads, runs):
     drafters.Medusa(str(runs / "eagle"))
   with pytest.raises(ValueError, match="expected a 'eagle' head"):
     drafters.Eagle(medusa_heads)
-  with pytest.raises(NotImplementedError, match="token trees"):
+  with pytest.raises(ValueError, match="tree must be None"):
     drafters.Eagle(eagle_head, tree=object())
-  with pytest.raises(NotImplementedError, match="token trees"):
-    drafters.Medusa(medusa_heads, tree=object())
+  with pytest.raises(ValueError, match="tree of depth 5 needs as many heads"):
+    drafters.Medusa(medusa_heads, tree=trees.Static.chains(2, 5))
   with pytest.raises(ValueError, match="unknown drafter kind"):
     jaxspec.train.train_drafter(stories, kind="lookahead", out_dir=str(runs / "x"), steps=1)
   with pytest.raises(ValueError, match="medusa needs a checkpoint"):

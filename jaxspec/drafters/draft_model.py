@@ -38,10 +38,10 @@ class DraftModelSpec(DrafterSpec):
   def propose_tree(self, params, dstate, r: Round):
     out = self._root(params, dstate[0], r)
 
-    def feed(cache, toks, pos, base, tree_mask):
+    def feed(cache, toks, pos, base, tree_mask, parent):
       o = forward(params, self.draft, toks, cache, positions=pos, mask_base=base,
                   tree_mask=tree_mask)
-      return o.cache, o.logits
+      return o.cache, o.logits, None
 
     pending = last_tokens(r.seq, r.n, 1)[:, 0]
     cache, arrays, node_slot = grow(feed, out.cache, out.logits[:, 1], pending, r.n - 1,

@@ -18,8 +18,11 @@ In the compiled loop the drafter keeps its own small KV cache, one row length pe
     features of the verify pass and the drafted tokens (a fixed shape), then rewind the row to
     n_new - 2: only the accepted positions stay. `feat` becomes hidden[b, n_acc[b]].
 
-Token trees: `step` works on any number of new positions per row (with `positions` and a
-`tree_mask`), so a top-k-per-depth expansion can call it level by level; chains only for now.
+Token trees (`tree=` a `trees.Static` or `trees.Dynamic`): the root feed is the same; the tree
+then grows level by level (`tree_draft.grow`), each node fed at position n-2+depth with its
+PARENT's predicted feature and its own token, seeing exactly its ancestors (tree mask). Commit
+re-feeds the accepted path the same way as a chain, with the verify pass's true features
+gathered along the path.
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ from flax import struct
 
 from jaxspec.models import KVCache, Model, ModelConfig, forward, head, param_shapes
 
-from .base import DrafterSpec, Round, check_k, last_tokens
+from .base import DrafterSpec, Round, check_k, check_tree, last_tokens
 from .chain import draft_chain
+from .tree_draft import grow
 
 KIND = "eagle"
 
@@ -83,7 +87,7 @@ def init_params(config: EagleConfig, seed: int = 0, scale: float = 0.02) -> dict
 
 
 def step(params, tparams, config: EagleConfig, feats: jax.Array, next_tokens: jax.Array,
-         cache: KVCache | None = None, *, positions=None, tree_mask=None):
+         cache: KVCache | None = None, *, positions=None, tree_mask=None, mask_base=None):
   """The drafter decoder over T new positions.
 
   feats [B, T, D]: the feature at each position (true or predicted); next_tokens [B, T]: the
@@ -97,7 +101,7 @@ def step(params, tparams, config: EagleConfig, feats: jax.Array, next_tokens: ja
   p = {"embed": tparams["embed"], "layers": params["layers"],
        "final_norm": tparams["final_norm"]}
   out = forward(p, config.decoder, next_tokens, cache, embeds=x, logits=False,
-                positions=positions, tree_mask=tree_mask)
+                positions=positions, tree_mask=tree_mask, mask_base=mask_base)
   return out.hidden, out.cache
 
 
@@ -108,7 +112,7 @@ def step(params, tparams, config: EagleConfig, feats: jax.Array, next_tokens: ja
 class EagleState:
   cache: KVCache  # the drafter's own cache; lengths == n - 2 between rounds
   feat: jax.Array  # [B, D]: true target feature f_{n-2}
-  drafts: jax.Array  # [B, k]: this round's proposals (re-fed in commit)
+  drafts: jax.Array  # [B, k] (chain) or [B, N] (tree tokens): this round's proposals
 
 
 def _pick(hidden: jax.Array, idx: jax.Array) -> jax.Array:
@@ -122,7 +126,8 @@ class EagleSpec(DrafterSpec):
 
   @property
   def draft_forwards(self) -> int:
-    return self.k + 1  # k drafting steps and one re-feed of the verified positions
+    # k drafting steps (or one per tree level) and one re-feed of the verified positions
+    return (self.k if self.tree is None else self.tree.max_depth) + 1
 
   def init(self, params, tparams, prompt, prompt_lens, cache_size, hidden):
     b = prompt.shape[0]
@@ -131,8 +136,9 @@ class EagleSpec(DrafterSpec):
     # token, so it is fed in the first propose. (Garbage past each row's prompt is rewound.)
     nxt = jnp.concatenate([prompt[:, 1:], prompt[:, -1:]], axis=1)
     _, cache = step(params, tparams, self.head, hidden, nxt, cache)
+    width = self.k if self.tree is None else self.tree.n_nodes
     return EagleState(cache=cache.rewind(prompt_lens - 1), feat=_pick(hidden, prompt_lens - 1),
-                      drafts=jnp.zeros((b, self.k), jnp.int32))
+                      drafts=jnp.zeros((b, width), jnp.int32))
 
   def propose(self, params, st: EagleState, r: Round):
     tp = r.tparams
@@ -148,6 +154,30 @@ class EagleSpec(DrafterSpec):
     (cache, _), tokens, probs = draft_chain(one, (cache, g), first, self.k, r.key, self.mode,
                                             r.sp)
     return st.replace(cache=cache, drafts=tokens), r.tcache, tokens, probs
+
+  def propose_tree(self, params, st: EagleState, r: Round):
+    tp = r.tparams
+    base = r.n - 2  # the root feed's slot and position
+    pending = last_tokens(r.seq, r.n, 1)[:, 0]
+    g, cache = step(params, tp, self.head, st.feat[:, None], pending[:, None],
+                    st.cache.rewind(base))
+
+    def feed(cache, toks, pos, mask_base, tree_mask, parent):
+      g, cache = step(params, tp, self.head, parent, toks, cache, positions=pos,
+                      tree_mask=tree_mask, mask_base=mask_base)
+      return cache, head(tp, self.target, g), g
+
+    cache, arrays, _ = grow(feed, cache, head(tp, self.target, g)[:, 0], pending, base,
+                            self.tree, root_feat=g[:, 0])
+    return st.replace(cache=cache, drafts=arrays.tokens), r.tcache, arrays
+
+  def commit_tree(self, params, st: EagleState, r: Round, n_new, n_acc, hidden, path):
+    # As for a chain: re-feed positions n-1 .. n+D-2 with the true features of path nodes
+    # 0 .. D-1 (hidden is gathered along the path) and the tokens of nodes 1 .. D; keep only the
+    # accepted ones.
+    toks = jnp.take_along_axis(st.drafts, path[:, 1:], axis=1)  # [B, D]
+    _, cache = step(params, r.tparams, self.head, hidden[:, :-1], toks, st.cache.rewind(r.n - 1))
+    return st.replace(cache=cache.rewind(n_new - 2), feat=_pick(hidden, n_acc))
 
   def commit(self, params, st: EagleState, r: Round, n_new, n_acc, hidden):
     # Re-feed positions n-1 .. n+k-2 with the verify pass's true features (fixed shape), then
@@ -239,8 +269,9 @@ class Eagle:
   Args:
     head: an `EagleHead` (from `jaxspec.train.train_drafter(kind="eagle")` or
       `EagleHead.load(path)`), a `jaxspec.checkpoint.load_head` result, or a checkpoint path.
-    k: tokens proposed per round.
-    tree: token-tree spec; not supported yet for Eagle (chains only).
+    k: tokens proposed per round (chains).
+    tree: token-tree spec (`trees.Static` / `trees.Dynamic`, EAGLE-2's dynamic tree being the
+      usual choice); None drafts a chain of k.
   """
 
   head: object
@@ -249,8 +280,7 @@ class Eagle:
 
   def __post_init__(self):
     check_k(self.k)
-    if self.tree is not None:
-      raise NotImplementedError("token trees are not supported by Eagle yet; use tree=None")
+    object.__setattr__(self, "tree", check_tree(self.tree))
     object.__setattr__(self, "head", resolve_head(self.head, EagleHead, KIND))
 
   def bind(self, target: Model):
@@ -260,4 +290,4 @@ class Eagle:
     check_target("EAGLE", h.config, target)
     _check_shapes("EAGLE", h.params, param_shapes_eagle(h.config))
     params = jax.tree.map(lambda x: jnp.asarray(x, target.dtype), h.params)
-    return EagleSpec(k=self.k, target=target.config, head=h.config), params
+    return EagleSpec(k=self.k, target=target.config, head=h.config, tree=self.tree), params

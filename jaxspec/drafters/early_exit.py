@@ -41,10 +41,10 @@ class EarlyExitSpec(DrafterSpec):
   def propose_tree(self, params, dstate, r: Round):
     tp = r.tparams
 
-    def feed(cache, toks, pos, base, tree_mask):
+    def feed(cache, toks, pos, base, tree_mask, parent):
       o = forward(tp, self.target, toks, cache, positions=pos, mask_base=base,
                   tree_mask=tree_mask, n_layers=self.layers)
-      return o.cache, o.logits
+      return o.cache, o.logits, None
 
     pending = last_tokens(r.seq, r.n, 1)[:, 0]
     root = forward(tp, self.target, pending[:, None], r.tcache, n_layers=self.layers)

@@ -11,8 +11,12 @@ prefill, `hidden[b, n_acc[b]]` after each verify pass (the feature whose next to
 pending token). All k proposals come from one evaluation of the heads: argmax when greedy, a
 sample (with its distribution, for lossless rejection sampling) otherwise. The proposals of
 head i do not depend on the other drafts, so the marginal of head i is a valid draft
-distribution. `logits` returns every head's full distribution, so a top-k-per-depth token tree
-(the Medusa tree) can be built from it later; chains only for now.
+distribution.
+
+Token trees: the children of every node at depth d are the top candidates of head d (head 0 for
+the root's children), so a `trees.Static` tree is Medusa's cartesian top-k-per-head tree and a
+`trees.Dynamic` one keeps the nodes with the best products of head probabilities. The tree needs
+`max_depth <= n_heads`; commit reads the true feature at the last accepted node of the path.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ import jax.numpy as jnp
 from jaxspec import sampling
 from jaxspec.models import Model, ModelConfig, head
 
-from .base import DrafterSpec, Round, check_k
+from .base import DrafterSpec, Round, check_k, check_tree, last_tokens
 from .eagle import _check_shapes, _pick, check_target, load_checkpoint, resolve_head
+from .tree_draft import grow
 
 KIND = "medusa"
 
@@ -87,6 +92,20 @@ class MedusaSpec(DrafterSpec):
     tokens, probs = sampling.sample(r.key, lg, self.mode, r.sp)
     return feat, r.tcache, tokens, probs
 
+  def propose_tree(self, params, feat, r: Round):
+    depth = self.tree.max_depth
+    sub = jax.tree.map(lambda x: x[:depth], params)
+    lg = logits(sub, r.tparams, self.target, feat)  # [B, depth, V]: head d = depth d+1 tokens
+    base = r.n - 1
+
+    def feed(cache, toks, pos, mask_base, tree_mask, parent):
+      d = jnp.minimum(pos - mask_base[:, None], depth - 1)  # [B, T] node depths (>= 1)
+      return cache, jnp.take_along_axis(lg, d[:, :, None], axis=1), None
+
+    pending = last_tokens(r.seq, r.n, 1)[:, 0]
+    _, arrays, _ = grow(feed, None, lg[:, 0], pending, base, self.tree)
+    return feat, r.tcache, arrays
+
   def commit(self, params, feat, r: Round, n_new, n_acc, hidden):
     return _pick(hidden, n_acc)
 
@@ -123,8 +142,9 @@ class Medusa:
   Args:
     heads: a `MedusaHeads` (from `jaxspec.train.train_drafter(kind="medusa")` or
       `MedusaHeads.load(path)`), a `jaxspec.checkpoint.load_head` result, or a checkpoint path.
-    k: tokens proposed per round (the first k heads).
-    tree: token-tree spec; not supported yet for Medusa (chains only).
+    k: tokens proposed per round (the first k heads; chains).
+    tree: token-tree spec (`trees.Static`, e.g. `Static.from_branching((4, 2, 2))` for Medusa's
+      top-4 x top-2 x top-2 tree, or `trees.Dynamic`); its depth is at most the number of heads.
   """
 
   heads: object
@@ -133,13 +153,16 @@ class Medusa:
 
   def __post_init__(self):
     check_k(self.k)
-    if self.tree is not None:
-      raise NotImplementedError("token trees are not supported by Medusa yet; use tree=None")
+    object.__setattr__(self, "tree", check_tree(self.tree))
     h = resolve_head(self.heads, MedusaHeads, KIND)
     object.__setattr__(self, "heads", h)
-    if isinstance(h.config, MedusaConfig) and self.k > h.config.n_heads:
-      raise ValueError(f"Medusa k={self.k} needs at least k heads; these have "
-                       f"{h.config.n_heads} (train with k={self.k} or use a smaller k)")
+    if isinstance(h.config, MedusaConfig):
+      if self.tree is None and self.k > h.config.n_heads:
+        raise ValueError(f"Medusa k={self.k} needs at least k heads; these have "
+                         f"{h.config.n_heads} (train with k={self.k} or use a smaller k)")
+      if self.tree is not None and self.tree.max_depth > h.config.n_heads:
+        raise ValueError(f"a Medusa tree of depth {self.tree.max_depth} needs as many heads; "
+                         f"these have {h.config.n_heads}")
 
   def bind(self, target: Model):
     h = self.heads
@@ -148,4 +171,4 @@ class Medusa:
     check_target("Medusa", h.config, target)
     _check_shapes("Medusa", h.params, param_shapes_medusa(h.config))
     params = jax.tree.map(lambda x: jnp.asarray(x, target.dtype), h.params)
-    return MedusaSpec(k=self.k, target=target.config, head=h.config), params
+    return MedusaSpec(k=self.k, target=target.config, head=h.config, tree=self.tree), params

@@ -1,10 +1,15 @@
 """Growing a token tree with a draft model (shared by DraftModel and EarlyExit).
 
-`feed(cache, tokens [B, T], positions [B, T], mask_base [B], tree_mask [B?, T, W])` runs the
-drafter's model over T tree nodes written at slots `cache.lengths ..`, each seeing the live
-prefix below `mask_base` and the tree slots its `tree_mask` row allows; it returns
-(cache, logits [B, T, V]). The root (the pending token) sits at slot/position `base` and its
-draft logits are given.
+`feed(cache, tokens [B, T], positions [B, T], mask_base [B], tree_mask [B?, T, W], parent)`
+runs the drafter's model over T tree nodes written at slots `cache.lengths ..`, each seeing the
+live prefix below `mask_base` and the tree slots its `tree_mask` row allows; it returns
+(cache, logits [B, T, V], feat). The root (the pending token) sits at slot/position `base` and
+its draft logits are given.
+
+Feature drafters (EAGLE) carry a per-node state: `feat` [B, T, F] is what each fed node hands to
+its children, and `parent` [B, T, F] is the parent's (the root's is `root_feat` [B, F]).
+Drafters without one return feat=None and ignore `parent`; drafters without a cache (Medusa)
+pass cache=None.
 
 Siblings are the top candidates of their parent's draft distribution, so the proposal is
 deterministic given the context: tree verification then treats each sibling as a one-hot
@@ -23,8 +28,12 @@ from jaxspec import trees
 from jaxspec.trees import Dynamic, Static, TreeArrays
 
 
+def _at(cache, slot):
+  return None if cache is None else cache.rewind(slot)
+
+
 def static_tree(feed: Callable, cache, root_logits: jax.Array, pending: jax.Array,
-                base: jax.Array, tree: Static):
+                base: jax.Array, tree: Static, root_feat=None):
   """Level by level: one forward per depth (the deepest level is never fed).
 
   Returns (cache, TreeArrays, node_slot [B, N]: each fed node's slot offset from base, or -1)."""
@@ -35,14 +44,16 @@ def static_tree(feed: Callable, cache, root_logits: jax.Array, pending: jax.Arra
   cols = [pending[:, None].astype(jnp.int32)]
   cand, _ = trees.top_candidates(root_logits[:, None], m)  # [B, 1, M]: candidates of level 0
   prev_start = 0
+  feat = None if root_feat is None else root_feat[:, None]  # [B, level width, F]
   for d in range(1, tree.max_depth + 1):
     s, e = levels[d]
     toks = cand[:, parents[s:e] - prev_start, ranks[s:e]]  # [B, e - s]
     cols.append(toks)
     if d < tree.max_depth:
-      cache = cache.rewind(base + s)
+      parent = None if feat is None else feat[:, parents[s:e] - prev_start]
       pos = jnp.broadcast_to((base + d)[:, None], (b, e - s))
-      cache, logits = feed(cache, toks, pos, base, jnp.asarray(anc[s:e]))
+      cache, logits, feat = feed(_at(cache, base + s), toks, pos, base, jnp.asarray(anc[s:e]),
+                                 parent)
       cand, _ = trees.top_candidates(logits, m)
       prev_start = s
   tokens = jnp.concatenate(cols, axis=1)
@@ -52,7 +63,7 @@ def static_tree(feed: Callable, cache, root_logits: jax.Array, pending: jax.Arra
 
 
 def dynamic_tree(feed: Callable, cache, root_logits: jax.Array, pending: jax.Array,
-                 base: jax.Array, tree: Dynamic):
+                 base: jax.Array, tree: Dynamic, root_feat=None):
   """EAGLE-2 expansion: a beam of topk nodes fed per step, candidates scored by cumulative
   draft log-probability, the best nodes - 1 kept (ancestor-closed: a child never outscores its
   parent, and ties go to the earlier, parent, candidate).
@@ -71,6 +82,8 @@ def dynamic_tree(feed: Callable, cache, root_logits: jax.Array, pending: jax.Arr
   front_tok, front_score = tok0, lp0
   cand_of_fed = jnp.zeros((b, f_total), jnp.int32)  # fed index -> candidate index (root: 0)
   all_parent = c_parent[0]
+  fed_feat = (None if root_feat is None else  # [B, F_total, F]: what each fed node hands down
+              jnp.zeros((b, f_total) + root_feat.shape[1:], root_feat.dtype).at[:, 0].set(root_feat))
   for step in range(1, depth):
     f0 = 1 + (step - 1) * k
     fed_ids = f0 + jnp.arange(k)
@@ -78,9 +91,11 @@ def dynamic_tree(feed: Callable, cache, root_logits: jax.Array, pending: jax.Arr
     anc_rows = fed_anc[rows, par_f] | jax.nn.one_hot(fed_ids, f_total, dtype=bool)[None]
     fed_anc = fed_anc.at[:, f0:f0 + k].set(anc_rows)
     cand_of_fed = cand_of_fed.at[:, f0:f0 + k].set(front_idx)
-    cache = cache.rewind(base + f0)
     pos = jnp.broadcast_to((base + step)[:, None], (b, k))
-    cache, logits = feed(cache, front_tok, pos, base, anc_rows)
+    parent = None if fed_feat is None else fed_feat[rows, par_f]  # [B, K, F]
+    cache, logits, feat = feed(_at(cache, base + f0), front_tok, pos, base, anc_rows, parent)
+    if fed_feat is not None:
+      fed_feat = fed_feat.at[:, f0:f0 + k].set(feat)
     ct, clp = trees.top_candidates(logits, k)  # [B, K, K]
     score = (front_score[:, :, None] + clp).reshape(b, k * k)
     offset = sum(x.shape[1] for x in c_tok)
@@ -119,7 +134,7 @@ def dynamic_tree(feed: Callable, cache, root_logits: jax.Array, pending: jax.Arr
   return cache, arrays, node_slot
 
 
-def grow(feed, cache, root_logits, pending, base, tree):
+def grow(feed, cache, root_logits, pending, base, tree, root_feat=None):
   if isinstance(tree, Static):
-    return static_tree(feed, cache, root_logits, pending, base, tree)
-  return dynamic_tree(feed, cache, root_logits, pending, base, tree)
+    return static_tree(feed, cache, root_logits, pending, base, tree, root_feat)
+  return dynamic_tree(feed, cache, root_logits, pending, base, tree, root_feat)

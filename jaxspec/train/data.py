@@ -2,7 +2,8 @@
 
 Prompts come from a JSONL file (lines with "prompt", "text" or "turns"), a text file (one prompt
 per non-empty line) or a built-in set (story openings for TinyStories models such as
-stories260K, the bundled Spec-Bench questions otherwise). The target continues every prompt
+stories260K, the bundled Spec-Bench questions otherwise, minus the prompts `jaxspec bench`
+measures: see `jaxspec.prompts`). The target continues every prompt
 with `jaxspec.generate` (greedy, plus sampled copies), and one `forward` over prompt +
 generation records the target's features (the residual stream before the final norm) at every
 position. The target's distributions are recomputed from the features by its head (one matmul)
@@ -20,11 +21,12 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from importlib import resources
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxspec.prompts import training_prompts
 
 _NAMES = ["Lily", "Tom", "Ben", "Mia", "Sam", "Anna", "Max", "Sue", "Tim", "Lucy", "Jack",
           "Sara", "Bob", "Amy", "Joe", "Kate", "Ben", "Zoe", "Leo", "Ella"]
@@ -51,12 +53,6 @@ def story_prompts() -> list[str]:
       for name in names:
         out.append(t.format(who=who, name=name))
   return list(dict.fromkeys(out))
-
-
-def spec_bench_prompts() -> list[str]:
-  path = resources.files("jaxspec") / "_data" / "spec_bench" / "question.jsonl"
-  with path.open() as f:
-    return [json.loads(line)["turns"][0] for line in f if line.strip()]
 
 
 def _is_stories(model) -> bool:
@@ -102,7 +98,7 @@ def encode_prompts(model, data: str | None, max_len: int) -> list[list[int]]:
     raise ValueError(f"{model.name!r} has no tokenizer; training data needs one")
   if data is None:
     items = ([("text", p) for p in story_prompts()] if _is_stories(model)
-             else [("chat", p) for p in spec_bench_prompts()])
+             else [("chat", p) for p in training_prompts()])
   else:
     items = read_prompts(data)
   out = []
