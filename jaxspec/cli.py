@@ -68,6 +68,18 @@ def static_tree(tree, k: int, acceptance: bool = False):
   return trees.Static.chains(max(1, (tree - 1) // k), k)  # one chain per n-gram match
 
 
+def dynamic_tree(tree, k: int):
+  """An int node budget -> an EAGLE-2 dynamic tree as deep as the draft length k (beam of 4)."""
+  from jaxspec import trees
+
+  if tree is None or not isinstance(tree, int):
+    return tree
+  try:
+    return trees.Dynamic(nodes=tree, topk=4, depth=k)
+  except ValueError as e:
+    raise ValueError(f"--tree {tree} with --k {k}: {e}") from None
+
+
 def parse_drafter(spec: str | None, k: int, tree=None):
   """'ngram[:N]' | 'early-exit:L' | 'draft:SRC' -> a drafter object (None for 'none')."""
   from jaxspec import drafters, load_model
@@ -84,17 +96,17 @@ def parse_drafter(spec: str | None, k: int, tree=None):
     if not arg:
       raise ValueError("--drafter early-exit needs a layer count, e.g. early-exit:4")
     return drafters.EarlyExit(layers=_int_arg("early-exit:L", arg, "early-exit:4"), k=k,
-                              tree=tree)
+                              tree=dynamic_tree(tree, k))
   if name == "draft":
     if not arg:
       raise ValueError("--drafter draft needs a model, e.g. draft:stories260K")
-    return drafters.DraftModel(load_model(arg), k=k, tree=tree)
+    return drafters.DraftModel(load_model(arg), k=k, tree=dynamic_tree(tree, k))
   if name in ("medusa", "eagle"):
     if not arg:
       raise ValueError(f"--drafter {name} needs a checkpoint, e.g. {name}:runs/{name} (made by "
                        f"jaxspec train-drafter --kind {name})")
     cls = drafters.Medusa if name == "medusa" else drafters.Eagle
-    return cls(arg, k=k, tree=tree)
+    return cls(arg, k=k, tree=dynamic_tree(tree, k))
   raise ValueError(f"unknown drafter {spec!r} (none, ngram[:N], early-exit:L, draft:SRC, "
                    f"recycling, medusa:CKPT, eagle:CKPT)")
 
@@ -107,8 +119,8 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
                       "eagle:CKPT (default: none)")
   p.add_argument("--k", type=int, default=4, help="draft tokens per round (default 4)")
   p.add_argument("--tree", type=int, default=None,
-                 help="draft a token tree of N nodes instead of a chain (dynamic EAGLE-2 style "
-                      "for model drafters, static templates for ngram/recycling)")
+                 help="draft a token tree of N nodes instead of a chain (dynamic EAGLE-2 style, "
+                      "k deep, for model drafters; static templates for ngram/recycling)")
   p.add_argument("--max-new-tokens", type=int, default=128)
   p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
   p.add_argument("--top-k", type=int, default=None)

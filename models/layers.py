@@ -71,6 +71,50 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
   return o.reshape(b, t, n, h).astype(q.dtype)
 
 
+def attention_live(q: jax.Array, kbuf: jax.Array, vbuf: jax.Array, layer: jax.Array,
+                   mask: jax.Array, limit: jax.Array, chunk: int) -> jax.Array:
+  """Grouped-query attention over a cache buffer, reading only the slots in use.
+
+  q: [B, T, N, H]; kbuf, vbuf: [L, B, S, K, H] (read at `layer`); mask: [B, T, S]; limit: []
+  int32, no query sees a slot >= limit (the longest row's live length after this write). The
+  slots are visited in chunks of `chunk` (<= S) with an online softmax, and only the first
+  ceil(limit / chunk) chunks are read, so a step costs the live length, not the buffer. (When
+  chunk does not divide S the last chunk is shifted back to end at S; its slots that the
+  previous chunk already covered are masked out.)
+  Equal to `attention(q, kbuf[layer], vbuf[layer], mask)` up to float32 rounding.
+  """
+  b, t, n, h = q.shape
+  size, kh = kbuf.shape[2], kbuf.shape[3]
+  qg = q.reshape(b, t, kh, n // kh, h)
+  scale = 1.0 / math.sqrt(h)
+  neg = jnp.finfo(jnp.float32).min
+
+  def body(c, carry):
+    m, l, acc = carry  # m, l: [B, K, G, T] running max and sum; acc: [B, K, G, T, H]
+    start = jnp.minimum(c * chunk, size - chunk)
+    k = jax.lax.dynamic_slice(kbuf, (layer, 0, start, 0, 0), (1, b, chunk, kh, h))[0]
+    v = jax.lax.dynamic_slice(vbuf, (layer, 0, start, 0, 0), (1, b, chunk, kh, h))[0]
+    fresh = start + jnp.arange(chunk) >= c * chunk  # [C]: not seen by an earlier chunk
+    mk = (jax.lax.dynamic_slice_in_dim(mask, start, chunk, axis=2) & fresh)[:, None, None]
+    s = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(mk, s, neg)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    p = jnp.where(mk, jnp.exp(s - m_new[..., None]), 0.0)
+    corr = jnp.exp(m - m_new)
+    l = l * corr + jnp.sum(p, axis=-1)
+    acc = acc * corr[..., None] + jnp.einsum("BKGTS,BSKH->BKGTH", p.astype(v.dtype), v,
+                                              preferred_element_type=jnp.float32)
+    return m_new, l, acc
+
+  shape = (b, kh, n // kh, t)
+  init = (jnp.full(shape, neg, jnp.float32), jnp.zeros(shape, jnp.float32),
+          jnp.zeros(shape + (h,), jnp.float32))
+  n_live = jnp.clip((limit + chunk - 1) // chunk, 1, -(-size // chunk))
+  _, l, acc = jax.lax.fori_loop(0, n_live, body, init)
+  o = acc / jnp.maximum(l, 1e-30)[..., None]  # [B, K, G, T, H]
+  return jnp.einsum("BKGTH->BTKGH", o).reshape(b, t, n, h).astype(q.dtype)
+
+
 def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
   g = jnp.einsum("BTD,DF->BTF", x, w_gate)
   u = jnp.einsum("BTD,DF->BTF", x, w_up)

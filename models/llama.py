@@ -23,6 +23,7 @@ from .cache import KVCache, write_layer
 from .config import ModelConfig
 
 Params = dict[str, Any]
+ATTN_CHUNK = 512  # cache slots per attention chunk (see `forward`'s attn_chunk)
 
 
 @struct.dataclass
@@ -70,6 +71,7 @@ def forward(
     n_layers: int | None = None,
     logits: bool = True,
     embeds: jax.Array | None = None,
+    attn_chunk: int | None = None,
 ) -> Output:
   """Runs the decoder over `tokens` [B, T].
 
@@ -88,6 +90,9 @@ def forward(
     logits: compute the [B, T, V] head (skip it when only hidden states are needed).
     embeds: input vectors [B, T, D] used instead of embedding `tokens` (feature drafters such
       as EAGLE feed fused target features through the same decoder layers).
+    attn_chunk: with a cache buffer of more slots than this (default `ATTN_CHUNK`), attention
+      reads only the chunks below the longest row's live length (`layers.attention_live`), so
+      a decode step over a long buffer costs the context in use, not the buffer size.
   """
   b, t = tokens.shape
   n_run = config.n_layers if n_layers is None else n_layers
@@ -106,6 +111,9 @@ def forward(
     base = lengths if mask_base is None else mask_base
     mask = _mask(t, cache.size, base, tree_mask)
     slots = lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
+    limit = jnp.max(lengths) + t  # no query sees a slot past the last one written
+  attn_chunk = ATTN_CHUNK if attn_chunk is None else attn_chunk
+  live = cache is not None and cache.size > attn_chunk
 
   def layer(carry, i):
     x, kbuf, vbuf = carry
@@ -122,12 +130,14 @@ def forward(
     q = nn.apply_rope(q, positions, inv_freq, config.rope_layout)
     k = nn.apply_rope(k, positions, inv_freq, config.rope_layout)
     if kbuf is None:
-      keys, values = k, v
+      o = nn.attention(q, k, v, mask)
     else:
       kbuf = write_layer(kbuf, i, slots, k)
       vbuf = write_layer(vbuf, i, slots, v)
-      keys, values = kbuf[i], vbuf[i]  # [B, S, K, H]
-    o = nn.attention(q, keys, values, mask)
+      if live:
+        o = nn.attention_live(q, kbuf, vbuf, i, mask, limit, attn_chunk)
+      else:
+        o = nn.attention(q, kbuf[i], vbuf[i], mask)  # [B, S, K, H] keys and values
     x = x + jnp.einsum("BTNH,NHD->BTD", o, w["wo"])
     h = nn.rms_norm(x, w["mlp_norm"], config.norm_eps)
     x = x + nn.swiglu(h, w["w_gate"], w["w_up"], w["w_down"])

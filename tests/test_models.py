@@ -8,6 +8,7 @@ Letters: B batch, T new tokens, P padded prompt, S cache slots, V vocabulary.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,7 @@ from conftest import tiny_config, tiny_model
 from jaxspec.models import KVCache, forward
 
 # One jitted forward for the whole file; it recompiles only per config and shape.
-FWD = jax.jit(forward, static_argnums=(1,), static_argnames=("n_layers", "logits"))
+FWD = jax.jit(forward, static_argnums=(1,), static_argnames=("n_layers", "logits", "attn_chunk"))
 
 ATOL = 2e-5  # fp32: cached and uncached paths differ only in reduction order
 
@@ -66,8 +67,15 @@ def _rows(x, starts, n):
 # (1) cached decoding == full recomputation
 
 
-def test_cached_decoding_matches_full_forward(model):
+# Attention over a 32-slot buffer: dense (one block), or live chunks of 12 slots (the last one
+# shifted back to end at slot 32), of which only those below the longest row are read.
+CHUNKS = [None, 12]
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_cached_decoding_matches_full_forward(model, chunk):
   cfg, params = model
+  FWD = functools.partial(globals()["FWD"], attn_chunk=chunk)
   rng = np.random.default_rng(0)
   lens = np.array([5, 2, 7])  # ragged prompts
   b, p, steps, k1, total = len(lens), 8, 4, 4, 16
@@ -106,6 +114,33 @@ def test_cached_decoding_matches_full_forward(model):
   out = FWD(params, cfg, jnp.asarray(_rows(seq, pos, 1)), out.cache.rewind(jnp.asarray(pos)))
   np.testing.assert_allclose(out.logits, _rows(ref, pos, 1), atol=ATOL, rtol=ATOL)
   np.testing.assert_array_equal(out.cache.lengths, pos + 1)
+
+
+@pytest.mark.parametrize("chunk", [4, 7, 16])
+def test_attention_live_equals_dense_and_skips_dead_chunks(chunk):
+  """Online-softmax chunks == one softmax over the buffer (GQA, ragged rows, a random mask),
+  including a last chunk shifted back to end at S; chunks past `limit` are never read (NaN
+  there would poison the output)."""
+  from jaxspec.models import layers as nn
+
+  rng = np.random.default_rng(chunk)
+  b, t, n, kh, h, s, n_layers = 2, 3, 4, 2, 8, 22, 2
+  q = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32)
+  kbuf = rng.standard_normal((n_layers, b, s, kh, h)).astype(np.float32)
+  vbuf = rng.standard_normal((n_layers, b, s, kh, h)).astype(np.float32)
+  for lengths in ([9, 19], [4, 9]):
+    limit = max(lengths) + t
+    slot = np.arange(s)[None, None, :]
+    mask = (rng.random((b, t, s)) < 0.6) & (slot < np.asarray(lengths)[:, None, None] + t)
+    mask[:, :, 0] = True  # every query sees something
+    dense = nn.attention(q, jnp.asarray(kbuf[1]), jnp.asarray(vbuf[1]), jnp.asarray(mask))
+    k_dead, v_dead = kbuf.copy(), vbuf.copy()
+    first_unread = -(-limit // chunk) * chunk
+    k_dead[:, :, first_unread:] = np.nan
+    v_dead[:, :, first_unread:] = np.nan
+    live = nn.attention_live(q, jnp.asarray(k_dead), jnp.asarray(v_dead), jnp.asarray(1),
+                             jnp.asarray(mask), jnp.asarray(limit), chunk)
+    np.testing.assert_allclose(live, dense, atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,9 +194,11 @@ def _tree_setup(cfg, params, rng):
   return cache, lens, tokens, mask, positions, paths, np.asarray(ref), prompts
 
 
+@pytest.mark.parametrize("chunk", CHUNKS)
 @pytest.mark.parametrize("model", ["gqa", "stories"], indirect=True)
-def test_tree_mask_matches_root_path_chains(model):
+def test_tree_mask_matches_root_path_chains(model, chunk):
   cfg, params = model
+  FWD = functools.partial(globals()["FWD"], attn_chunk=chunk)
   rng = np.random.default_rng(1)
   cache, lens, tokens, mask, positions, _, ref, _ = _tree_setup(cfg, params, rng)
   out = FWD(params, cfg, jnp.asarray(tokens), cache, positions=jnp.asarray(positions),
