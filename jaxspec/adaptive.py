@@ -128,11 +128,11 @@ def clear_cache() -> None:
   _CALIBRATION.clear()
 
 
-def _loop_fn(cfg, n_layers):
+def _loop_fn(cfg, n_layers, attn_chunk=None):
   """jit: `reps` (traced) forwards of [B, T] tokens against a cache whose length stays fixed
   (each pass rewinds it), the next tokens depending on the logits so nothing is optimised
   away."""
-  key = (cfg, n_layers)
+  key = (cfg, n_layers, attn_chunk)
   if key not in _LOOP:
     from jaxspec.models import forward
 
@@ -141,7 +141,7 @@ def _loop_fn(cfg, n_layers):
 
       def body(_, c):
         toks, cache = c
-        out = forward(params, cfg, toks, cache, n_layers=n_layers)
+        out = forward(params, cfg, toks, cache, n_layers=n_layers, attn_chunk=attn_chunk)
         nxt = jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)
         return toks.at[:, 0].set(nxt), out.cache.rewind(start)
 
@@ -163,16 +163,18 @@ def forward_seconds(params, cfg, batch: int, t: int, buf: int, *, n_layers: int 
 
 def forward_seconds_many(params, cfg, batch: int, ts: Sequence[int], buf: int, *,
                          n_layers: int | None = None, fill: int | None = None,
-                         min_time: float = 0.05, repeats: int = 5) -> dict:
+                         min_time: float = 0.05, repeats: int = 5,
+                         attn_chunk: int | None = None) -> dict:
   """`forward_seconds` for several T at once, timed round-robin (T1, T2, ..., T1, T2, ...) so
   that a change in machine load hits every T alike."""
   from jaxspec.models import KVCache
 
   dtype = params["embed"].dtype
   fill = buf // 2 if fill is None else fill
-  keys = {t: (cfg, str(dtype), batch, t, buf, n_layers, fill, id(params["embed"])) for t in ts}
+  keys = {t: (cfg, str(dtype), batch, t, buf, n_layers, fill, id(params["embed"]), attn_chunk)
+          for t in ts}
   todo = [t for t in dict.fromkeys(ts) if keys[t] not in _FORWARD_S]
-  fn = _loop_fn(cfg, n_layers)
+  fn = _loop_fn(cfg, n_layers, attn_chunk)
 
   def once(t, reps):
     f = max(0, min(fill, buf - t))
