@@ -313,7 +313,7 @@ def roofline(config, params, *, context: int, verify_tokens: list[int], copy_byt
   # Slots the attention reads: the whole buffer, or (live chunks, models.llama) the chunks
   # below the live length.
   from jaxspec.models.llama import ATTN_CHUNK
-  read = buf if buf <= ATTN_CHUNK else min(buf, -(-(fill + 1) // ATTN_CHUNK) * ATTN_CHUNK)
+  read = buf if buf < 2 * ATTN_CHUNK else min(buf, -(-(fill + 1) // ATTN_CHUNK) * ATTN_CHUNK)
   kv_read = 2 * config.n_layers * read * config.n_kv_heads * config.head_dim * item
   out.update(decode_s=dec, weights_bytes=weights, kv_buffer_bytes=kv_buf, kv_live_bytes=kv_live,
              kv_read_bytes=kv_read, buf=buf, context=fill)
@@ -373,7 +373,7 @@ def roofline_markdown(r: dict, settings: str) -> str:
            "Compile time of the generation program (prefill + speculative loop), seconds: " +
            ", ".join(f"{k} {v:.1f}" for k, v in r["compile_s"].items()) + ".", "",
            "Steps are timed inside one compiled loop (no per-step dispatch), as the engine "
-           "runs them. Buffers longer than models.llama.ATTN_CHUNK slots are attended in "
+           "runs them. Buffers of two or more models.llama.ATTN_CHUNK-slot chunks are attended in "
            "chunks, reading only those below the live length (the roofline counts the slots "
            "read); shorter buffers are read whole, masked.", ""]
   return "\n".join(lines)

@@ -88,12 +88,13 @@ def attention_live(q: jax.Array, kbuf: jax.Array, vbuf: jax.Array, layer: jax.Ar
   qg = q.reshape(b, t, kh, n // kh, h)
   scale = 1.0 / math.sqrt(h)
   neg = jnp.finfo(jnp.float32).min
+  kl, vl = kbuf[layer], vbuf[layer]  # [B, S, K, H]; sliced once, outside the chunk loop
 
   def body(c, carry):
     m, l, acc = carry  # m, l: [B, K, G, T] running max and sum; acc: [B, K, G, T, H]
     start = jnp.minimum(c * chunk, size - chunk)
-    k = jax.lax.dynamic_slice(kbuf, (layer, 0, start, 0, 0), (1, b, chunk, kh, h))[0]
-    v = jax.lax.dynamic_slice(vbuf, (layer, 0, start, 0, 0), (1, b, chunk, kh, h))[0]
+    k = jax.lax.dynamic_slice_in_dim(kl, start, chunk, axis=1)
+    v = jax.lax.dynamic_slice_in_dim(vl, start, chunk, axis=1)
     fresh = start + jnp.arange(chunk) >= c * chunk  # [C]: not seen by an earlier chunk
     mk = (jax.lax.dynamic_slice_in_dim(mask, start, chunk, axis=2) & fresh)[:, None, None]
     s = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) * scale

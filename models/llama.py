@@ -90,9 +90,11 @@ def forward(
     logits: compute the [B, T, V] head (skip it when only hidden states are needed).
     embeds: input vectors [B, T, D] used instead of embedding `tokens` (feature drafters such
       as EAGLE feed fused target features through the same decoder layers).
-    attn_chunk: with a cache buffer of more slots than this (default `ATTN_CHUNK`), attention
-      reads only the chunks below the longest row's live length (`layers.attention_live`), so
-      a decode step over a long buffer costs the context in use, not the buffer size.
+    attn_chunk: with a cache buffer of at least two such chunks (default `ATTN_CHUNK` slots),
+      attention reads only the chunks below the longest row's live length
+      (`layers.attention_live`), so a decode step over a long buffer costs about the context
+      in use, not the buffer size. (Measured on CPU, SmolLM2 shape, 512 live of 2,560 slots:
+      395 ms vs 471 ms per step; shorter buffers stay dense, which is faster there.)
   """
   b, t = tokens.shape
   n_run = config.n_layers if n_layers is None else n_layers
@@ -113,7 +115,7 @@ def forward(
     slots = lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
     limit = jnp.max(lengths) + t  # no query sees a slot past the last one written
   attn_chunk = ATTN_CHUNK if attn_chunk is None else attn_chunk
-  live = cache is not None and cache.size > attn_chunk
+  live = cache is not None and cache.size >= 2 * attn_chunk
 
   def layer(carry, i):
     x, kbuf, vbuf = carry

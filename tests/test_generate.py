@@ -44,21 +44,21 @@ PROMPTS = ["Once upon a time", "Tom and his dog went to the", "The little bird",
 
 
 def test_long_generation_equals_full_recomputation():
-  """A 1,024+-slot buffer takes the live-length chunked attention path (models.llama.ATTN_CHUNK):
-  greedy decoding of 700 tokens (ragged batch) equals argmax of a cache-free forward over the
+  """A 1,152-slot buffer takes the live-length chunked attention path (models.llama.ATTN_CHUNK):
+  greedy decoding of 1,100 tokens (ragged batch) equals argmax of a cache-free forward over the
   whole sequence at every step, and speculative decoding equals both."""
   from conftest import tiny_model
   from jaxspec import drafters
   from jaxspec.models import forward
   from jaxspec.models.llama import ATTN_CHUNK
 
-  m = tiny_model(seed=5, vocab_size=256, max_seq_len=1024)
-  prompts, n_new = [[5, 6, 7], [9, 8, 7, 6, 5, 4, 3]], 700
+  m = tiny_model(seed=5, vocab_size=256, max_seq_len=2048)
+  prompts, n_new = [[5, 6, 7], [9, 8, 7, 6, 5, 4, 3]], 1100
   out = jaxspec.generate(m, prompts, max_new_tokens=n_new, stop_tokens=())
-  assert n_new > ATTN_CHUNK  # so the 768-slot buffer is read in live chunks
+  assert n_new > 2 * ATTN_CHUNK  # so the buffer is read in live chunks
   full = jax.jit(lambda ids: jnp.argmax(forward(m.params, m.config, ids).logits, -1))
   for p, got in zip(prompts, out.tokens):
-    seq = np.zeros((1, 1024), np.int32)
+    seq = np.zeros((1, 1152), np.int32)
     seq[0, :len(p)] = p
     seq[0, len(p):len(p) + n_new] = got
     want = np.asarray(full(jnp.asarray(seq)))[0, len(p) - 1:len(p) + n_new - 1]
