@@ -14,6 +14,7 @@ import platform
 import shlex
 import sys
 import time
+
 from jaxspec import prompts as prompts_lib
 
 DEFAULT_OUT = "docs/benchmarks.md"

@@ -312,8 +312,9 @@ def roofline(config, params, *, context: int, verify_tokens: list[int], copy_byt
   kv_live = 2 * config.n_layers * fill * config.n_kv_heads * config.head_dim * item
   # Slots the attention reads: the whole buffer, or (live chunks, models.llama) the chunks
   # below the live length.
-  from jaxspec.models.llama import ATTN_CHUNK
-  read = buf if buf < 2 * ATTN_CHUNK else min(buf, -(-(fill + 1) // ATTN_CHUNK) * ATTN_CHUNK)
+  from jaxspec.models.llama import live_attention_chunk
+  chunk = live_attention_chunk(buf)
+  read = buf if chunk is None else min(buf, -(-(fill + 1) // chunk) * chunk)
   kv_read = 2 * config.n_layers * read * config.n_kv_heads * config.head_dim * item
   out.update(decode_s=dec, weights_bytes=weights, kv_buffer_bytes=kv_buf, kv_live_bytes=kv_live,
              kv_read_bytes=kv_read, buf=buf, context=fill)

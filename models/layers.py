@@ -71,39 +71,38 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
   return o.reshape(b, t, n, h).astype(q.dtype)
 
 
-def attention_live(q: jax.Array, kbuf: jax.Array, vbuf: jax.Array, layer: jax.Array,
-                   mask: jax.Array, limit: jax.Array, chunk: int) -> jax.Array:
+def attention_live(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                   limit: jax.Array, chunk: int) -> jax.Array:
   """Grouped-query attention over a cache buffer, reading only the slots in use.
 
-  q: [B, T, N, H]; kbuf, vbuf: [L, B, S, K, H] (read at `layer`); mask: [B, T, S]; limit: []
-  int32, no query sees a slot >= limit (the longest row's live length after this write). The
+  q: [B, T, N, H]; k, v: [B, S, K, H]; mask: [B, T, S]; limit: [] int32, no query sees a slot
+  >= limit (the longest row's live length after this write). The
   slots are visited in chunks of `chunk` (<= S) with an online softmax, and only the first
   ceil(limit / chunk) chunks are read, so a step costs the live length, not the buffer. (When
   chunk does not divide S the last chunk is shifted back to end at S; its slots that the
   previous chunk already covered are masked out.)
-  Equal to `attention(q, kbuf[layer], vbuf[layer], mask)` up to float32 rounding.
+  Equal to `attention(q, k, v, mask)` up to float32 rounding.
   """
   b, t, n, h = q.shape
-  size, kh = kbuf.shape[2], kbuf.shape[3]
+  size, kh = k.shape[1], k.shape[2]
   qg = q.reshape(b, t, kh, n // kh, h)
   scale = 1.0 / math.sqrt(h)
   neg = jnp.finfo(jnp.float32).min
-  kl, vl = kbuf[layer], vbuf[layer]  # [B, S, K, H]; sliced once, outside the chunk loop
 
   def body(c, carry):
     m, l, acc = carry  # m, l: [B, K, G, T] running max and sum; acc: [B, K, G, T, H]
     start = jnp.minimum(c * chunk, size - chunk)
-    k = jax.lax.dynamic_slice_in_dim(kl, start, chunk, axis=1)
-    v = jax.lax.dynamic_slice_in_dim(vl, start, chunk, axis=1)
+    kc = jax.lax.dynamic_slice_in_dim(k, start, chunk, axis=1)  # [B, C, K, H]
+    vc = jax.lax.dynamic_slice_in_dim(v, start, chunk, axis=1)
     fresh = start + jnp.arange(chunk) >= c * chunk  # [C]: not seen by an earlier chunk
     mk = (jax.lax.dynamic_slice_in_dim(mask, start, chunk, axis=2) & fresh)[:, None, None]
-    s = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) * scale
+    s = jnp.einsum("BTKGH,BSKH->BKGTS", qg, kc, preferred_element_type=jnp.float32) * scale
     s = jnp.where(mk, s, neg)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
     p = jnp.where(mk, jnp.exp(s - m_new[..., None]), 0.0)
     corr = jnp.exp(m - m_new)
     l = l * corr + jnp.sum(p, axis=-1)
-    acc = acc * corr[..., None] + jnp.einsum("BKGTS,BSKH->BKGTH", p.astype(v.dtype), v,
+    acc = acc * corr[..., None] + jnp.einsum("BKGTS,BSKH->BKGTH", p.astype(vc.dtype), vc,
                                               preferred_element_type=jnp.float32)
     return m_new, l, acc
 

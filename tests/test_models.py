@@ -138,7 +138,7 @@ def test_attention_live_equals_dense_and_skips_dead_chunks(chunk):
     first_unread = -(-limit // chunk) * chunk
     k_dead[:, :, first_unread:] = np.nan
     v_dead[:, :, first_unread:] = np.nan
-    live = nn.attention_live(q, jnp.asarray(k_dead), jnp.asarray(v_dead), jnp.asarray(1),
+    live = nn.attention_live(q, jnp.asarray(k_dead[1]), jnp.asarray(v_dead[1]),
                              jnp.asarray(mask), jnp.asarray(limit), chunk)
     np.testing.assert_allclose(live, dense, atol=1e-5, rtol=1e-5)
 

@@ -171,20 +171,21 @@ class EagleSpec(DrafterSpec):
                             self.tree, root_feat=g[:, 0])
     return st.replace(cache=cache, drafts=arrays.tokens), r.tcache, arrays
 
-  def commit_tree(self, params, st: EagleState, r: Round, n_new, n_acc, hidden, path):
-    # As for a chain: re-feed positions n-1 .. n+D-2 with the true features of path nodes
-    # 0 .. D-1 (hidden is gathered along the path) and the tokens of nodes 1 .. D; keep only the
-    # accepted ones.
-    toks = jnp.take_along_axis(st.drafts, path[:, 1:], axis=1)  # [B, D]
-    _, cache = step(params, r.tparams, self.head, hidden[:, :-1], toks, st.cache.rewind(r.n - 1))
-    return st.replace(cache=cache.rewind(n_new - 2), feat=_pick(hidden, n_acc))
-
-  def commit(self, params, st: EagleState, r: Round, n_new, n_acc, hidden):
-    # Re-feed positions n-1 .. n+k-2 with the verify pass's true features (fixed shape), then
-    # keep only the accepted ones.
-    _, cache = step(params, r.tparams, self.head, hidden[:, :self.k], st.drafts,
+  def _refeed(self, params, st: EagleState, r: Round, n_new, n_acc, hidden, tokens):
+    # Re-feed positions n-1 .. n+D-2 with the verify pass's true features of the verified
+    # positions (hidden [B, D+1, Dm], fixed shape) and the drafted tokens that follow them
+    # (tokens [B, D]), then keep only the accepted ones.
+    _, cache = step(params, r.tparams, self.head, hidden[:, :-1], tokens,
                     st.cache.rewind(r.n - 1))
     return st.replace(cache=cache.rewind(n_new - 2), feat=_pick(hidden, n_acc))
+
+  def commit_tree(self, params, st: EagleState, r: Round, n_new, n_acc, hidden, path):
+    # hidden is gathered along the accepted path; its tokens are those of nodes 1 .. D.
+    tokens = jnp.take_along_axis(st.drafts, path[:, 1:], axis=1)  # [B, D]
+    return self._refeed(params, st, r, n_new, n_acc, hidden, tokens)
+
+  def commit(self, params, st: EagleState, r: Round, n_new, n_acc, hidden):
+    return self._refeed(params, st, r, n_new, n_acc, hidden, st.drafts)
 
 
 # ------------------------------------------------------------------------------ user objects
