@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxspec import validate
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingMode:
@@ -27,21 +29,20 @@ class SamplingParams:
   top_p: jax.Array  # [] float32, in (0, 1]
 
 
+# Below this, temperature is greedy decoding: a distribution that sharp is the argmax to
+# float32 precision (it only differs on logits closer than their rounding error), and dividing
+# by smaller values underflows (1e-38 and below are zero or subnormal in float32, flushed to
+# zero on accelerators) or overflows the scaled logits into inf/NaN.
+MIN_TEMPERATURE = 1e-6
+
+
 def make(temperature: float = 0.0, top_k: int | None = None,
          top_p: float | None = None) -> tuple[SamplingMode, SamplingParams]:
   """Validates user settings and splits them into the static mode and the traced values."""
-  try:
-    temperature = float(temperature)
-  except (TypeError, ValueError):
-    raise ValueError(f"temperature must be a number >= 0, got {temperature!r}") from None
-  if not temperature >= 0.0 or temperature == float("inf"):
-    raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
-  if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
-    raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-  if top_p is not None:
-    if not isinstance(top_p, (int, float)) or not 0.0 < float(top_p) <= 1.0:
-      raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-  greedy = temperature == 0.0
+  temperature = validate.temperature(temperature)
+  top_k = validate.top_k(top_k)
+  top_p = validate.top_p(top_p)
+  greedy = temperature < MIN_TEMPERATURE
   mode = SamplingMode(greedy=greedy, top_k=(top_k is not None) and not greedy,
                       top_p=(top_p is not None and top_p < 1.0) and not greedy)
   params = SamplingParams(
@@ -53,7 +54,10 @@ def make(temperature: float = 0.0, top_k: int | None = None,
 
 def warp_logits(logits: jax.Array, mode: SamplingMode, sp: SamplingParams) -> jax.Array:
   """Temperature, top-k and top-p applied to float32 logits [..., V]; removed tokens get -inf."""
-  x = logits.astype(jnp.float32) / sp.temperature
+  x = logits.astype(jnp.float32)
+  # Shift by the max first: the top logit is exactly 0 after scaling, however small the
+  # temperature, so exp never overflows (dividing first made 1e-10 draw token 0 from NaNs).
+  x = (x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))) / sp.temperature
   if not (mode.top_k or mode.top_p):
     return x
   v = x.shape[-1]

@@ -1,0 +1,132 @@
+"""Issue 20: argument edges, tiny temperatures, seeds, token-id prompts, tree sizes, NaN weights
+at load time, training-run validation and Ctrl-C on the command line.
+
+Each case is a row of docs/errors.md naming its test here.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxspec
+from jaxspec import sampling, trees, validate
+
+from conftest import tiny_model
+
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
+
+# ----------------------------------------------------------------------------------------------
+# jaxspec.validate: pure argument checks
+
+
+@pytest.mark.parametrize("fn,bad,match", [
+    (validate.temperature, [True, "0.5", None, -1, float("nan"), float("inf"), [0.5], 1j],
+     "temperature must be a finite number >= 0"),
+    (validate.top_k, [True, 2.5, "5", 0, -1, np.float32(3)], "top_k must be a positive integer"),
+    (validate.top_p, [True, "0.9", 0, 1.5, float("nan"), np.bool_(True)], r"top_p must be in \(0, 1\]"),
+    (validate.max_new_tokens, [True, 2.5, "5", 0, -4, None, np.float64(5)],
+     "max_new_tokens must be a positive integer"),
+    (validate.rounds_per_chunk, [0, -1, 2.5, True, "4", None], "rounds_per_chunk must be a positive"),
+    (validate.seed, [1.5, None, "abc", True, -1, 2**32, 2**32 + 1, 2**63, np.float64(3)],
+     r"seed must be an integer in \[0, 2\*\*32\)"),
+])
+def test_validate_scalars_reject_bools_strings_and_out_of_range(fn, bad, match):
+  for x in bad:
+    with pytest.raises(ValueError, match=match):
+      fn(x)
+
+
+def test_validate_scalars_accept_numpy_numbers():
+  assert validate.temperature(np.float32(0.5)) == 0.5 and validate.temperature(np.int64(1)) == 1.0
+  assert validate.top_k(np.int64(5)) == 5 and type(validate.top_k(np.int32(5))) is int
+  assert validate.top_p(np.float32(0.5)) == 0.5 and validate.top_p(1) == 1.0
+  assert validate.max_new_tokens(np.int64(7)) == 7 and validate.rounds_per_chunk(np.uint8(2)) == 2
+  assert validate.seed(np.int64(2**32 - 1)) == 2**32 - 1 and validate.seed(0) == 0
+  assert validate.top_k(None) is None and validate.top_p(None) is None
+
+
+@pytest.mark.parametrize("p,exc,match", [
+    ([1.0, 403.9], TypeError, "prompt 0 has a non-integer token id at position 0: 1.0"),
+    ([1, "1"], TypeError, "prompt 0 has a non-integer token id at position 1: '1'"),
+    ([1, True], TypeError, "position 1: True"),
+    ([[1, 2]], TypeError, r"position 0: \[1, 2\]"),
+    ([1, np.array(5)], TypeError, "position 1"),
+    (np.array(5), TypeError, "got a 0-d numpy array"),
+    (np.array([1.0, 2.0]), TypeError, "dtype float64; token ids must be integers"),
+    (np.array([True]), TypeError, "dtype bool"),
+    (123, TypeError, "must be a str or a list of token ids, got int"),
+    (b"hi", TypeError, "got bytes"),
+    ("\ud800", ValueError, "prompt 0 is not valid text: '\\\\ud800' at position 0 cannot be encoded"),
+])
+def test_validate_prompt_kinds(p, exc, match):
+  with pytest.raises(exc, match=match):
+    validate.prompts([p])
+
+
+def test_validate_prompts_accept_numpy_ids():
+  assert validate.prompts([np.array([1, 2], np.int64), (np.int32(3), 4)]) == [[1, 2], [3, 4]]
+  assert validate.prompts(np.array([[1, 2], [3, 4]], np.uint16)) == [[1, 2], [3, 4]]
+  assert validate.prompts(["héllo ✓"]) == ["héllo ✓"]
+  with pytest.raises(TypeError, match="wrap a single prompt in a list"):
+    validate.prompts(np.array([1, 2]))
+
+
+def test_validate_stop_tokens():
+  assert validate.stop_rows(None, 2, 10, default=(2,)) == [[2], [2]]
+  assert validate.stop_rows(np.int64(3), 1, 10) == [[3]]
+  assert validate.stop_rows(np.array([3, 4]), 1, 10) == [[3, 4]]
+  assert validate.stop_rows([[3], (np.int64(4),)], 2, 10) == [[3], [4]]
+  for bad, match in [([True], "stop token True"), ([2.0], "stop token 2.0"), (["2"], "stop token"),
+                     ([10], "not a token id in"), ("2", "stop_tokens must be None"),
+                     (2.5, "stop_tokens must be None")]:
+    with pytest.raises(ValueError, match=match):
+      validate.stop_rows(bad, 1, 10)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny temperatures: greedy, never tokens from an underflowed distribution
+
+TINY = [9e-7, 1e-10, 1e-22, 1e-30, 1e-38, 1e-45, 5e-324, float(np.finfo(np.float32).smallest_subnormal)]
+
+
+def test_tiny_temperatures_are_greedy(stories):
+  greedy = jaxspec.generate(stories, ["Once upon a time"], max_new_tokens=8)
+  for t in TINY:
+    out = jaxspec.generate(stories, ["Once upon a time"], max_new_tokens=8, temperature=t, seed=3)
+    assert out.tokens == greedy.tokens, t
+  # Just above the threshold, sampling is so sharp it is greedy here too, and finite.
+  for t in (2e-6, 1e-4):
+    out = jaxspec.generate(stories, ["Once upon a time"], max_new_tokens=8, temperature=t, seed=3)
+    assert out.tokens == greedy.tokens, t
+
+
+def test_tiny_temperature_sampling_never_overflows():
+  """Below the greedy threshold, called directly: the warp shifts by the max before scaling,
+  so the compiled sampler draws the argmax instead of token 0 from NaNs."""
+  logits = jax.random.normal(jax.random.key(0), (4, 512)) * 20
+  draw = jax.jit(sampling.sample, static_argnums=2)
+  for mode in (sampling.SamplingMode(greedy=False),
+               sampling.SamplingMode(greedy=False, top_k=True, top_p=True)):
+    for t in (1e-6, 1e-10, 1e-22, 1e-30, 1e-37):
+      sp = sampling.SamplingParams(temperature=jnp.float32(t), top_k=jnp.int32(5),
+                                   top_p=jnp.float32(0.9))
+      tok, p = draw(jax.random.key(1), logits, mode, sp)
+      assert (tok == jnp.argmax(logits, -1)).all() and bool(jnp.isfinite(p).all()), (mode, t)
+
+
+def test_cli_tiny_temperature_is_greedy(capsys):
+  from jaxspec.cli import main
+  argv = ["generate", "Once upon a", "--max-new-tokens", "6", "--no-stream"]
+  assert main(argv) == 0
+  greedy = capsys.readouterr().out
+  assert main(argv + ["--temperature", "1e-30"]) == 0
+  assert capsys.readouterr().out == greedy
