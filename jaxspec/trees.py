@@ -25,6 +25,30 @@ import numpy as np
 from flax import struct
 
 
+# Size bounds. The compiled program grows with a tree's depth (one verification level, and for
+# a Dynamic tree one draft forward, per level, unrolled) and its node count (the verify forward,
+# the [N, N] ancestor mask, the cache slots a round touches), so both are capped up front like
+# the draft length of a chain (k <= 64): a depth-200 tree took minutes to compile and
+# depth=10000 never finished tracing.
+MAX_DEPTH = 64
+MAX_NODES = 256
+
+
+def _count(name: str, v) -> int:
+  if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)) or v < 1:
+    raise ValueError(f"{name} must be a positive integer, got {v!r}")
+  return int(v)
+
+
+def _depth_error(depth: int, what: str = "tree") -> ValueError:
+  return ValueError(f"{what} is {depth} levels deep; at most {MAX_DEPTH} are supported (like "
+                    f"draft length k: the compiled program grows with every level)")
+
+
+def _nodes_error(nodes: int, what: str = "tree") -> ValueError:
+  return ValueError(f"{what} has {nodes} nodes; at most {MAX_NODES} are supported")
+
+
 @struct.dataclass
 class TreeArrays:
   tokens: jax.Array  # [B, N] int32; tokens[:, 0] is the pending token
@@ -40,7 +64,15 @@ class Static:
   parents: tuple[int, ...]
 
   def __post_init__(self):
-    p = tuple(int(x) for x in self.parents)
+    ps = self.parents
+    if isinstance(ps, (str, bytes)) or not hasattr(ps, "__len__"):
+      raise ValueError(f"parents must be a sequence of ints, got {ps!r}")
+    if len(ps) > MAX_NODES:
+      raise _nodes_error(len(ps))
+    for i, x in enumerate(ps):
+      if not isinstance(x, (int, np.integer)) or isinstance(x, (bool, np.bool_)):
+        raise ValueError(f"tree node {i} has parent {x!r}; parents must be ints")
+    p = tuple(int(x) for x in ps)
     object.__setattr__(self, "parents", p)
     if len(p) < 2 or p[0] != -1:
       raise ValueError(f"a tree needs a root (parents[0] == -1) and at least one more node, "
@@ -52,15 +84,26 @@ class Static:
       depth.append(depth[q] + 1)
     if any(b < a for a, b in zip(depth, depth[1:])):
       raise ValueError("tree nodes must be numbered level by level (depths non-decreasing)")
-    if len(p) > 256:
-      raise ValueError(f"tree has {len(p)} nodes; at most 256 are supported")
+    if depth[-1] > MAX_DEPTH:
+      raise _depth_error(depth[-1])
 
   # Constructors --------------------------------------------------------------------------
   @classmethod
   def from_branching(cls, branching: Sequence[int]) -> "Static":
     """Every node at depth d gets branching[d] children: (3, 2) is 1 + 3 + 6 nodes."""
-    if not branching or any(int(b) < 1 for b in branching):
+    if (isinstance(branching, (str, bytes)) or not hasattr(branching, "__len__") or not branching
+        or any(not isinstance(b, (int, np.integer)) or isinstance(b, (bool, np.bool_)) or b < 1
+               for b in branching)):
       raise ValueError(f"branching must be a non-empty list of positive ints, got {branching!r}")
+    if len(branching) > MAX_DEPTH:
+      raise _depth_error(len(branching), f"branching {tuple(branching)!r}")
+    total, width = 1, 1
+    for b in branching:  # count before building: (1000, 1000) must not allocate a million nodes
+      width *= int(b)
+      total += width
+      if total > MAX_NODES:
+        raise ValueError(f"branching {tuple(int(x) for x in branching)!r} makes more than "
+                         f"{MAX_NODES} nodes; at most {MAX_NODES} are supported")
     parents, level = [-1], [0]
     for b in branching:
       nxt = []
@@ -74,8 +117,14 @@ class Static:
   @classmethod
   def chains(cls, width: int, length: int) -> "Static":
     """`width` independent chains of `length` tokens from the root."""
-    if width < 1 or length < 1:
-      raise ValueError(f"chains needs width >= 1 and length >= 1, got {width}, {length}")
+    for v in (width, length):
+      if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)) or v < 1:
+        raise ValueError(f"chains needs width >= 1 and length >= 1, got {width!r}, {length!r}")
+    width, length = int(width), int(length)
+    if length > MAX_DEPTH:
+      raise _depth_error(length, f"Static.chains({width}, {length})")
+    if 1 + width * length > MAX_NODES:
+      raise _nodes_error(1 + width * length, f"Static.chains({width}, {length})")
     parents = [-1] + [0] * width
     last = list(range(1, width + 1))
     for _ in range(length - 1):
@@ -98,8 +147,12 @@ class Static:
       r = np.tile(r, (max_depth, 1))
     if r.ndim != 2 or r.size == 0 or np.any(r < 0) or np.any(r > 1):
       raise ValueError("rates must be probabilities: a list per rank, or per depth and rank")
-    if nodes < 2:
-      raise ValueError(f"nodes must be >= 2, got {nodes}")
+    if (not isinstance(nodes, (int, np.integer)) or isinstance(nodes, (bool, np.bool_))
+        or not 2 <= nodes <= MAX_NODES):
+      raise ValueError(f"nodes must be an integer in [2, {MAX_NODES}], got {nodes!r}")
+    max_depth = _count("max_depth", max_depth)
+    if max_depth > MAX_DEPTH:
+      raise _depth_error(max_depth, f"from_acceptance(max_depth={max_depth})")
     # Candidates on a heap: (-path probability, tie, parent, depth, rank, parent's probability).
     parents, depth, tie = [-1], [0], 0
     heap = [(-r[0][0], 0, 0, 1, 0, 1.0)]
@@ -204,11 +257,17 @@ class Dynamic:
 
   def __post_init__(self):
     for name in ("nodes", "topk", "depth"):
-      v = getattr(self, name)
-      if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise ValueError(f"Dynamic tree {name} must be a positive integer, got {v!r}")
-    if self.nodes < 2 or self.nodes > 256:
-      raise ValueError(f"Dynamic tree nodes must be in [2, 256], got {self.nodes}")
+      object.__setattr__(self, name, _count(f"Dynamic tree {name}", getattr(self, name)))
+    if self.nodes < 2 or self.nodes > MAX_NODES:
+      raise ValueError(f"Dynamic tree nodes must be in [2, {MAX_NODES}], got {self.nodes}")
+    if self.depth > MAX_DEPTH:
+      raise _depth_error(self.depth, f"Dynamic(depth={self.depth})")
+    if self.topk >= MAX_NODES:
+      raise ValueError(f"Dynamic tree topk must be below {MAX_NODES}, got {self.topk}")
+    if self.n_fed > MAX_NODES:
+      raise ValueError(f"Dynamic(nodes={self.nodes}, topk={self.topk}, depth={self.depth}) runs "
+                       f"{self.n_fed} nodes (1 + (depth-1)*topk) through the drafter per round; "
+                       f"at most {MAX_NODES} are supported: lower topk or depth")
     if self.nodes - 1 > self.n_candidates:
       raise ValueError(f"Dynamic(nodes={self.nodes}, topk={self.topk}, depth={self.depth}) "
                        f"can only produce {self.n_candidates + 1} nodes; raise topk or depth")
@@ -245,8 +304,8 @@ Tree = Static | Dynamic
 def check_tree(tree) -> Tree | None:
   if tree is None or isinstance(tree, (Static, Dynamic)):
     return tree
-  if isinstance(tree, int) and not isinstance(tree, bool):
-    return Dynamic(nodes=tree)
+  if isinstance(tree, (int, np.integer)) and not isinstance(tree, (bool, np.bool_)):
+    return Dynamic(nodes=int(tree))
   raise ValueError(f"tree must be None, a node budget (int), jaxspec.trees.Static or "
                    f"jaxspec.trees.Dynamic, got {tree!r}")
 

@@ -130,3 +130,40 @@ def test_cli_tiny_temperature_is_greedy(capsys):
   greedy = capsys.readouterr().out
   assert main(argv + ["--temperature", "1e-30"]) == 0
   assert capsys.readouterr().out == greedy
+
+
+# ----------------------------------------------------------------------------------------------
+# Tree sizes: depth and node counts bounded up front (the program grows with both)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: trees.Dynamic(nodes=16, topk=4, depth=10000), "10000 levels deep; at most 64"),
+    (lambda: trees.Dynamic(nodes=16, topk=4, depth=200), "200 levels deep; at most 64"),
+    (lambda: trees.Dynamic(nodes=16, topk=8, depth=64), r"runs 505 nodes .* at most 256"),
+    (lambda: trees.Dynamic(nodes=16, topk=10**6, depth=1), "topk must be below 256"),
+    (lambda: trees.Dynamic(nodes=True), "nodes must be a positive integer"),
+    (lambda: trees.Static.chains(1, 200), "200 levels deep; at most 64"),
+    (lambda: trees.Static.chains(10**9, 2), "nodes; at most 256"),
+    (lambda: trees.Static.chains(1.5, 2), "chains needs width >= 1"),
+    (lambda: trees.Static.from_branching([1] * 65), "65 levels deep; at most 64"),
+    (lambda: trees.Static.from_branching((1000, 1000)), "more than 256 nodes"),
+    (lambda: trees.Static.from_branching((2.5,)), "branching must be a non-empty list"),
+    (lambda: trees.Static.from_acceptance([0.5], nodes=10**9), r"nodes must be an integer in \[2, 256\]"),
+    (lambda: trees.Static.from_acceptance([0.5], nodes=8, max_depth=100), "100 levels deep"),
+    (lambda: trees.Static(tuple(range(-1, 65))), "65 levels deep; at most 64"),
+    (lambda: trees.Static((-1, 0.5)), "parents must be ints"),
+    (lambda: trees.Static(tuple([-1] + [0] * 10**6)), "1000001 nodes; at most 256"),
+])
+def test_tree_depth_and_size_are_bounded(make, match):
+  t0 = time.perf_counter()
+  with pytest.raises(ValueError, match=match):
+    make()
+  assert time.perf_counter() - t0 < 2.0  # refused before building anything big
+
+
+def test_tree_bounds_admit_the_largest_trees():
+  assert trees.Static.chains(1, 64).max_depth == 64
+  assert trees.Static.chains(4, 63).n_nodes == 253
+  assert trees.Dynamic(nodes=256, topk=4, depth=64).n_fed == 253
+  assert trees.Dynamic(nodes=np.int64(16), topk=np.int32(4), depth=4) == trees.Dynamic(16, 4, 4)
+  assert trees.check_tree(np.int64(16)) == trees.Dynamic(nodes=16)
