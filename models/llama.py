@@ -1,4 +1,4 @@
-"""One pure forward pass for every Llama-family model and every use.
+"""One pure forward pass for every Llama / Gemma-family model and every use.
 
 `forward(params, config, tokens, cache)` serves prefill (T = prompt), decode (T = 1),
 chain verification (T = k + 1) and token-tree verification (T = tree nodes, with `tree_mask`
@@ -7,10 +7,17 @@ and per-node `positions`). With `cache=None` it is a plain causal forward (train
 Params are a plain pytree; layer weights are stacked along a leading layer axis so the depth
 loop is one `lax.scan` (compile time independent of depth) and early-exit drafting can run
 only the first `n_layers` layers against the same weights and cache.
+
+Sliding-window (local) layers (Mistral, Gemma 2 / 3) mask every slot more than
+`sliding_window - 1` positions behind the query, and with a chunked buffer read only the chunks
+from each row's window start (`layers.attention_live(lo=...)`): a step on a local layer costs
+the window, not the context. The buffer itself keeps every slot, so the cache's memory is still
+the whole context for every layer (see `KVCache`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -42,6 +49,14 @@ class Output:
 
 def _layer_weights(params: Params, i: jax.Array) -> dict[str, jax.Array]:
   return jax.tree.map(lambda w: w[i], params["layers"])
+
+
+def _window(mask: jax.Array, key_pos: jax.Array, positions: jax.Array, window: int) -> jax.Array:
+  """Restricts mask [B, T, S] to keys at positions > query position - window.
+
+  key_pos: [1 or B, S]: a cache slot's position is its index (tree nodes sit at slots at or
+  past their position, so a tree shallower than the window is never cut); positions: [B, T]."""
+  return mask & (key_pos[:, None, :] > positions[:, :, None] - window)
 
 
 def _mask(t: int, s: int, base: jax.Array | None, tree_mask: jax.Array | None) -> jax.Array:
@@ -103,53 +118,77 @@ def forward(
       in use, not the buffer size. (Measured on CPU, SmolLM2 shape, 512 live of 2,560 slots:
       445 / 395 ms vs 453 / 471 ms per step in two runs; shorter buffers stay dense.)
   """
+  c = config
   b, t = tokens.shape
-  n_run = config.n_layers if n_layers is None else n_layers
+  n_run = c.n_layers if n_layers is None else n_layers
   lengths = None if cache is None else cache.lengths
   if positions is None:
     base = jnp.zeros((b,), jnp.int32) if lengths is None else lengths
     positions = base[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-  inv_freq = nn.rope_inv_freq(config)
+  inv_global = nn.rope_inv_freq(c)
+  inv_local = nn.rope_inv_freq(c, local=True)
+  is_local = jnp.asarray(c.layer_is_local)  # [L]
   dtype = params["embed"].dtype
 
-  x = (params["embed"][tokens] if embeds is None else embeds).astype(dtype)  # [B, T, D]
+  if embeds is None:
+    x = params["embed"][tokens].astype(dtype)  # [B, T, D]
+    if c.embed_scale:  # sqrt(dim) rounded to the compute dtype, as transformers does
+      x = x * jnp.asarray(math.sqrt(c.dim), dtype)
+  else:
+    x = embeds.astype(dtype)
   if cache is None:
     mask = _mask(t, t, None, tree_mask)
     slots = None
+    key_pos = positions
   else:
     base = lengths if mask_base is None else mask_base
     mask = _mask(t, cache.size, base, tree_mask)
     slots = lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
     limit = jnp.max(lengths) + t  # no query sees a slot past the last one written
+    key_pos = jnp.arange(cache.size, dtype=jnp.int32)[None, :]
+  local_mask = mask if not c.windowed else _window(mask, key_pos, positions, c.sliding_window)
   chunk = None if cache is None else live_attention_chunk(cache.size, attn_chunk)
+  if chunk is not None and c.windowed:  # per-row spans: local rows start at their window
+    row_limit = lengths + t  # [B]
+    row_lo = jnp.maximum(jnp.min(positions, axis=1) - c.sliding_window + 1, 0)  # [B]
+  norm = lambda x, w: nn.rms_norm(x, w, c.norm_eps, c.norm_plus_one)
 
   def layer(carry, i):
     x, kbuf, vbuf = carry
     w = _layer_weights(params, i)
-    h = nn.rms_norm(x, w["attn_norm"], config.norm_eps)
+    local = is_local[i]
+    inv_freq = jnp.where(local, inv_local, inv_global)
+    m = jnp.where(local, local_mask, mask) if c.windowed else mask
+    h = norm(x, w["attn_norm"])
     q = jnp.einsum("BTD,DNH->BTNH", h, w["wq"])
     k = jnp.einsum("BTD,DKH->BTKH", h, w["wk"])
     v = jnp.einsum("BTD,DKH->BTKH", h, w["wv"])
-    if config.qkv_bias:
+    if c.qkv_bias:
       q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
-    if config.qk_norm:
-      q = nn.rms_norm(q, w["q_norm"], config.norm_eps)
-      k = nn.rms_norm(k, w["k_norm"], config.norm_eps)
-    q = nn.apply_rope(q, positions, inv_freq, config.rope_layout)
-    k = nn.apply_rope(k, positions, inv_freq, config.rope_layout)
+    if c.qk_norm:
+      q = norm(q, w["q_norm"])
+      k = norm(k, w["k_norm"])
+    q = nn.apply_rope(q, positions, inv_freq, c.rope_layout)
+    k = nn.apply_rope(k, positions, inv_freq, c.rope_layout)
+    attn = dict(scale=c.query_scale, cap=c.attn_softcap)
     if kbuf is None:
-      o = nn.attention(q, k, v, mask)
+      o = nn.attention(q, k, v, m, **attn)
     else:
       kbuf = write_layer(kbuf, i, slots, k)
       vbuf = write_layer(vbuf, i, slots, v)
       keys, values = kbuf[i], vbuf[i]  # [B, S, K, H]
       if chunk is None:
-        o = nn.attention(q, keys, values, mask)
+        o = nn.attention(q, keys, values, m, **attn)
+      elif c.windowed:
+        lo = jnp.where(local, row_lo, 0)
+        o = nn.attention_live(q, keys, values, m, row_limit, chunk, lo=lo, **attn)
       else:
-        o = nn.attention_live(q, keys, values, mask, limit, chunk)
-    x = x + jnp.einsum("BTNH,NHD->BTD", o, w["wo"])
-    h = nn.rms_norm(x, w["mlp_norm"], config.norm_eps)
-    x = x + nn.swiglu(h, w["w_gate"], w["w_up"], w["w_down"])
+        o = nn.attention_live(q, keys, values, m, limit, chunk, **attn)
+    a = jnp.einsum("BTNH,NHD->BTD", o, w["wo"])
+    x = x + (norm(a, w["post_attn_norm"]) if c.post_norms else a)
+    h = norm(x, w["mlp_norm"])
+    f = nn.swiglu(h, w["w_gate"], w["w_up"], w["w_down"], c.act)
+    x = x + (norm(f, w["post_mlp_norm"]) if c.post_norms else f)
     return (x, kbuf, vbuf), None
 
   carry0 = (x, None, None) if cache is None else (x, cache.k, cache.v)
@@ -163,11 +202,13 @@ def forward(
 
 
 def head(params: Params, config: ModelConfig, x: jax.Array) -> jax.Array:
-  """Final norm and LM head: [B, T, D] -> float32 logits [B, T, V]."""
-  h = nn.rms_norm(x, params["final_norm"], config.norm_eps)
+  """Final norm and LM head (soft-capped when configured): [B, T, D] -> float32 logits [B, T, V]."""
+  h = nn.rms_norm(x, params["final_norm"], config.norm_eps, config.norm_plus_one)
   if config.tied_embeddings:
-    return jnp.einsum("BTD,VD->BTV", h, params["embed"], preferred_element_type=jnp.float32)
-  return jnp.einsum("BTD,DV->BTV", h, params["lm_head"], preferred_element_type=jnp.float32)
+    out = jnp.einsum("BTD,VD->BTV", h, params["embed"], preferred_element_type=jnp.float32)
+  else:
+    out = jnp.einsum("BTD,DV->BTV", h, params["lm_head"], preferred_element_type=jnp.float32)
+  return nn.softcap(out, config.final_softcap)
 
 
 def param_shapes(config: ModelConfig) -> dict[str, Any]:
@@ -184,6 +225,8 @@ def param_shapes(config: ModelConfig) -> dict[str, Any]:
     lay.update(bq=(L, N, H), bk=(L, K, H), bv=(L, K, H))
   if c.qk_norm:
     lay.update(q_norm=(L, H), k_norm=(L, H))
+  if c.post_norms:
+    lay.update(post_attn_norm=(L, D), post_mlp_norm=(L, D))
   shapes = {"embed": (V, D), "layers": lay, "final_norm": (D,)}
   if not c.tied_embeddings:
     shapes["lm_head"] = (D, V)
@@ -191,20 +234,31 @@ def param_shapes(config: ModelConfig) -> dict[str, Any]:
 
 
 def init_params(config: ModelConfig, key: jax.Array | int, dtype=jnp.float32,
-                scale: float = 0.02) -> Params:
+                scale: float = 0.02, *, on_device: bool = False) -> Params:
   """Random parameters (tests, benchmarks of model shapes with no checkpoint).
 
-  Drawn with numpy on the host (no per-shape compilation); norms start at one.
+  Drawn with numpy on the host (no per-shape compilation), or with `on_device=True` by one
+  jitted program on the default device (an 8B model's weights are drawn where they live, with
+  no host copy); norms start at one (stored as zero for `norm_plus_one` models).
   """
   seed = key if isinstance(key, int) else int(jax.random.randint(key, (), 0, 2**31 - 1))
-  rng = np.random.default_rng(seed)
   shapes = param_shapes(config)
   flat, treedef = jax.tree_util.tree_flatten_with_path(
       shapes, is_leaf=lambda s: isinstance(s, tuple))
+  norm = 0.0 if config.norm_plus_one else 1.0
+  if on_device:
+    def make(k):  # one program for every leaf
+      keys = jax.random.split(k, len(flat))
+      return [jnp.full(shape, norm, dtype) if "norm" in jax.tree_util.keystr(path) else
+              (jax.random.normal(kk, shape, jnp.float32) * scale).astype(dtype)
+              for (path, shape), kk in zip(flat, keys)]
+    out = jax.jit(make)(jax.random.key(seed))
+    return jax.block_until_ready(jax.tree.unflatten(treedef, out))
+  rng = np.random.default_rng(seed)
   out = []
   for path, shape in flat:
     if "norm" in jax.tree_util.keystr(path):
-      w = np.ones(shape, np.float32)
+      w = np.full(shape, 0.0 if config.norm_plus_one else 1.0, np.float32)
     else:
       w = rng.standard_normal(shape, dtype=np.float32) * scale
     out.append(jnp.asarray(w, dtype))

@@ -63,6 +63,8 @@ PARAM_AXES: Mapping[str, tuple[str, ...]] = {
     "final_norm": (EMBED,),
     "attn_norm": (LAYERS, EMBED),
     "mlp_norm": (LAYERS, EMBED),
+    "post_attn_norm": (LAYERS, EMBED),
+    "post_mlp_norm": (LAYERS, EMBED),
     "wq": (LAYERS, EMBED, HEADS, HEAD_DIM),
     "wk": (LAYERS, EMBED, KV_HEADS, HEAD_DIM),
     "wv": (LAYERS, EMBED, KV_HEADS, HEAD_DIM),

@@ -313,23 +313,25 @@ def test_unsupported_rope_type(llama_dir, tmp_path):
   d = _copy(llama_dir, tmp_path)
   _edit_config(d, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4})
   with pytest.raises(ValueError, match=r"RoPE type 'yarn' is not supported \(supported: "
-                                       r"default, llama3\)"):
+                                       r"default, llama3, linear\)"):
     jaxspec.load_model(str(d), progress=False)
 
 
-def test_sliding_window_caps_max_seq_len():
+def test_sliding_window_config():
+  """A sliding window is kept (not a cap on the context): Mistral every layer, Qwen only with
+  use_sliding_window and from max_window_layers on."""
   base = dict(architectures=["MistralForCausalLM"], hidden_size=32, intermediate_size=64,
-              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
               vocab_size=V, max_position_embeddings=128)
-  with pytest.warns(UserWarning, match="sliding_window=16 .* capped at 16"):
-    c = hf.read_config(dict(base, sliding_window=16))
-  assert c.max_seq_len == 16
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    assert hf.read_config(dict(base, sliding_window=None)).max_seq_len == 128
-    assert hf.read_config(dict(base, sliding_window=4096)).max_seq_len == 128
+    c = hf.read_config(dict(base, sliding_window=16))
+    assert c.max_seq_len == 128 and c.sliding_window == 16 and all(c.layer_is_local)
+    assert hf.read_config(dict(base, sliding_window=None)).sliding_window is None
     qwen = dict(base, architectures=["Qwen2ForCausalLM"], sliding_window=16)
-    assert hf.read_config(dict(qwen, use_sliding_window=False)).max_seq_len == 128
+    assert hf.read_config(dict(qwen, use_sliding_window=False)).sliding_window is None
+    c = hf.read_config(dict(qwen, use_sliding_window=True, max_window_layers=2))
+    assert c.layer_is_local == (False, False, True, True) and c.max_seq_len == 128
 
 
 def test_legacy_config_keys():
@@ -429,3 +431,173 @@ def test_model_with_tokenizer(llama_dir, tmp_path):
   tok = jaxspec.load_model(str(d), progress=False).tokenizer
   assert isinstance(tok, models.HFTokenizer) and tok.eos_ids == (2, 3)  # config's, then <|im_end|>
   assert tok.bos_id == 0 and tok.decode(tok.encode(TEXTS[2])) == "<s>" + TEXTS[2]
+
+
+# ------------------------------------------------------------- Gemma 1/2/3 and sliding windows
+
+WINDOW = 8
+_GEMMA3_ROPE = {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+WINDOW_CASES = {
+    # MQA, GeGLU, sqrt(dim) embeddings, (1 + w) norms, no window.
+    "gemma1-mqa": ("GemmaConfig", "GemmaForCausalLM", dict(num_key_value_heads=1)),
+    # Alternating local / global layers, attention and final soft-capping, query_pre_attn_scalar.
+    "gemma2-window": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        sliding_window=WINDOW, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0)),
+    # Two local layers (own RoPE base) then a global one (linear RoPE scaling), QK-norm.
+    "gemma3-window": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        num_hidden_layers=3, sliding_window=WINDOW, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters=_GEMMA3_ROPE)),
+    "mistral-window": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=WINDOW)),
+}
+W_PROMPT, W_NEW = 12, 20  # the generation runs well past the window
+
+
+def build_windowed(case: str, seed: int = 0):
+  """A random float32 transformers model of a WINDOW_CASES kind (head_dim 16, GQA 4/2)."""
+  cfg_cls, model_cls, kw = WINDOW_CASES[case]
+  base = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+              max_position_embeddings=128, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
+  cfg = getattr(transformers, cfg_cls)(**dict(base, **kw))
+  cfg._attn_implementation = "eager"
+  torch.manual_seed(seed)
+  m = getattr(transformers, model_cls)(cfg).eval()
+  one = 0.0 if case.startswith("gemma") else 1.0  # Gemma norms hold w - 1
+  with torch.no_grad():
+    for name, p in m.named_parameters():
+      p.copy_(torch.randn_like(p) * (0.1 if "norm" in name else 0.25) + ("norm" in name) * one)
+  m.generation_config.eos_token_id = None
+  m.generation_config.pad_token_id = 0
+  return m
+
+
+@pytest.fixture(scope="module", params=list(WINDOW_CASES))
+def windowed(request, tmp_path_factory):
+  m = build_windowed(request.param)
+  d = tmp_path_factory.mktemp(request.param)
+  m.save_pretrained(d)
+  return request.param, m, jaxspec.load_model(str(d), progress=False)
+
+
+def test_window_config(windowed):
+  name, m, model = windowed
+  c = model.config
+  assert c.arch == name.split("-")[0].replace("gemma1", "gemma")
+  assert c.max_seq_len == 128  # the window is not a cap on the context
+  if name == "gemma1-mqa":
+    assert c.sliding_window is None and c.n_kv_heads == 1 and c.act == "gelu_tanh"
+  else:
+    assert c.sliding_window == WINDOW
+  want = {"gemma2-window": (True, False), "gemma3-window": (True, True, False),
+          "mistral-window": (True, True), "gemma1-mqa": (False, False)}[name]
+  assert c.layer_is_local == want
+  if name == "gemma3-window":
+    assert c.qk_norm and c.rope_local_theta == 1e4 and c.rope_scaling.rope_type == "linear"
+  hash(c)
+
+
+def test_window_logits_match_transformers(windowed):
+  """30 tokens through a window of 8, fp32, within 1e-4."""
+  _, m, model = windowed
+  ids = _ids(2, 30)
+  with torch.no_grad():
+    want = m(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+  got = np.asarray(FWD(model.params, model.config, jnp.asarray(ids)).logits)
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+FWD_CHUNKED = jax.jit(models.forward, static_argnums=(1,), static_argnames=("attn_chunk", "n_layers"))
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_window_greedy_matches_generate(windowed, chunk):
+  """Prompt + generation cross the window; chunk=4 reads only each row's window chunks."""
+  _, m, model = windowed
+  prompt = _ids(2, W_PROMPT, seed=1)
+  with torch.no_grad():
+    want = m.generate(torch.tensor(prompt, dtype=torch.long),
+                      attention_mask=torch.ones(prompt.shape, dtype=torch.long),
+                      do_sample=False, max_new_tokens=W_NEW)[:, W_PROMPT:].numpy()
+  b, t = prompt.shape
+  cache = models.KVCache.init(model.config, b, t + W_NEW, model.dtype)
+  fwd = lambda toks, cache: FWD_CHUNKED(model.params, model.config, toks, cache, attn_chunk=chunk)
+  out = fwd(jnp.asarray(prompt), cache)
+  toks = [jnp.argmax(out.logits[:, -1], axis=-1)]
+  for _ in range(W_NEW - 1):
+    out = fwd(toks[-1][:, None], out.cache)
+    toks.append(jnp.argmax(out.logits[:, -1], axis=-1))
+  np.testing.assert_array_equal(np.stack([np.asarray(x) for x in toks], axis=1), want)
+
+
+def test_window_chunked_attention_ragged_tree():
+  """Ragged rows, a tree mask over draft slots, early exit: reading only each row's window
+  chunks equals dense attention over the whole buffer."""
+  from jaxspec.models import ModelConfig
+  c = ModelConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=V,
+                  head_dim=16, max_seq_len=128, sliding_window=WINDOW,
+                  local_pattern=(True, True, False), rope_local_theta=1e4, embed_scale=True,
+                  norm_plus_one=True, post_norms=True, qk_norm=True, act="gelu_tanh",
+                  attn_softcap=5.0, final_softcap=3.0, query_scale=0.2)
+  params = models.init_params(c, 0, scale=0.3)
+  ids = jnp.asarray(_ids(2, 40, seed=2))
+  cache = models.KVCache.init(c, 2, 64)
+  full = FWD_CHUNKED(params, c, ids, cache, attn_chunk=4).cache.rewind(jnp.array([40, 23]))
+  tree = jnp.asarray(np.tril(np.ones((4, 4), bool)) & np.array([[1, 0, 0, 0], [1, 1, 0, 0],
+                                                                [1, 0, 1, 0], [1, 1, 0, 1]], bool))
+  kw = dict(positions=full.lengths[:, None] + jnp.array([0, 1, 1, 2]), tree_mask=tree)
+  toks = jnp.asarray(_ids(2, 4, seed=3))
+  for n_layers in (None, 2):
+    dense = FWD_CHUNKED(params, c, toks, full, attn_chunk=None, n_layers=n_layers, **kw)
+    live = FWD_CHUNKED(params, c, toks, full, attn_chunk=4, n_layers=n_layers, **kw)
+    np.testing.assert_allclose(np.asarray(live.logits), np.asarray(dense.logits), atol=1e-5)
+
+
+def test_gemma3_conditional_generation_language_model(tmp_path):
+  """The language model inside Gemma3ForConditionalGeneration (vision tower skipped)."""
+  text = transformers.Gemma3TextConfig(
+      vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+      sliding_window=WINDOW, query_pre_attn_scalar=16, rope_parameters=_GEMMA3_ROPE,
+      layer_types=["sliding_attention", "full_attention"])
+  vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32,
+                                           num_hidden_layers=1, num_attention_heads=2,
+                                           image_size=28, patch_size=14)
+  cfg = transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                  mm_tokens_per_image=4, image_token_index=V - 1,
+                                  boi_token_index=V - 2, eoi_token_index=V - 3)
+  cfg._attn_implementation = "eager"
+  torch.manual_seed(0)
+  m = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+  with torch.no_grad():
+    for name, p in m.named_parameters():
+      p.copy_(torch.randn_like(p) * (0.1 if "norm" in name else 0.25))
+  m.save_pretrained(tmp_path)
+  model = jaxspec.load_model(str(tmp_path), progress=False)
+  assert model.config.arch == "gemma3" and model.config.layer_is_local == (True, False)
+  ids = _ids(2, 20)
+  with torch.no_grad():
+    want = m(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
+  got = np.asarray(FWD(model.params, model.config, jnp.asarray(ids)).logits)
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["gemma2-window", "gemma3-window"])
+def test_window_speculative_equals_plain(case, tmp_path):
+  """NGram, EarlyExit and an EarlyExit dynamic tree across the window edge: greedy output
+  equals plain greedy output, on a ragged batch."""
+  from jaxspec.drafters import EarlyExit, NGram
+  from jaxspec.trees import Dynamic
+  build_windowed(case).save_pretrained(tmp_path)
+  model = jaxspec.load_model(str(tmp_path), progress=False)
+  rep = [int(x) for x in _ids(1, 5, seed=4)[0]]
+  prompts = [rep * 3, [int(x) for x in _ids(1, 6, seed=5)[0]]]  # 15 and 6 tokens
+  kw = dict(max_new_tokens=24, stop_tokens=())
+  plain = jaxspec.generate(model, prompts, **kw).tokens
+  assert all(len(p) + 24 > 2 * WINDOW for p in prompts)
+  for drafter in (NGram(n=2, k=3), EarlyExit(layers=1, k=3),
+                  EarlyExit(layers=1, tree=Dynamic(nodes=8, topk=2, depth=3))):
+    got = jaxspec.generate(model, prompts, drafter=drafter, **kw).tokens
+    assert got == plain, drafter
