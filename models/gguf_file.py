@@ -1,6 +1,8 @@
 """GGUF files (llama.cpp): metadata to config, tensors dequantized to numpy, embedded tokenizer.
 
-Named `gguf_file` so it never shadows the `gguf` package it reads with.
+Named `gguf_file` so it never shadows the `gguf` package it reads with. Every tensor type that
+`gguf.quants` can dequantize loads (F32, F16, BF16, Q4_0..Q8_0, the K-quants, the IQ types,
+TQ and MXFP4), one tensor at a time and bit for bit what `gguf.quants.dequantize` gives.
 """
 
 from __future__ import annotations
@@ -9,46 +11,57 @@ import os
 
 import numpy as np
 
+from . import gguf_tokenizer
 from .config import ModelConfig
+from .gguf_reader import GGUF, Tensor
 from .tokenizer import HFTokenizer
 
-SUPPORTED_ARCHS = ("llama", "qwen2")
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+# GGUF architecture -> the RoPE layout its q/k weights are stored for: llama.cpp's converter
+# permutes llama (and Mistral, which it writes as llama) rows for interleaved ("NORM") RoPE;
+# qwen2/qwen3 use NEOX RoPE, Hugging Face's rotate-half.
+ARCHS = {"llama": "interleaved", "mistral": "interleaved", "qwen2": "half", "qwen3": "half"}
+SUPPORTED_ARCHS = tuple(ARCHS)
+_ROW_BYTES = 1 << 24  # dequantize big tensors in slices of rows of about this many bytes
 
 
-def _reader(path: str):
+def supported_types() -> tuple[str, ...]:
+  """The GGML tensor types `gguf.quants.dequantize` implements in the installed gguf-py."""
   import gguf
 
+  traits = getattr(gguf.quants, "_type_traits", {})
+  kinds = [gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, *traits]
+  return tuple(dict.fromkeys(k.name for k in kinds))
+
+
+def _reader(path: str) -> GGUF:
   try:
-    r = gguf.GGUFReader(path)
-  except Exception as e:  # the reader raises assorted errors on damaged files
+    r = GGUF(path)
+  except Exception as e:  # a damaged header fails in assorted ways
     raise ValueError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from e
   size = os.path.getsize(path)
-  for t in r.tensors:
-    end = int(t.data_offset) + int(t.n_bytes)
-    if end > size:
-      raise ValueError(f"{path}: truncated GGUF file: tensor {t.name} ends at byte {end}, "
-                       f"file has {size}")
+  for t in r.tensors.values():
+    if t.offset + t.n_bytes > size:
+      raise ValueError(f"{path}: truncated GGUF file: tensor {t.name} ends at byte "
+                       f"{t.offset + t.n_bytes}, file has {size}")
   return r
 
 
-def _field(r, key, default=None):
-  f = r.fields.get(key)
-  if f is None:
-    return default
-  return f.contents()
+def _field(r: GGUF, key, default=None):
+  return r.fields.get(key, default)
 
 
 def read_config(r, path: str = "") -> ModelConfig:
   arch = _field(r, "general.architecture")
-  if arch not in SUPPORTED_ARCHS:
+  if arch not in ARCHS:
     raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported "
                      f"(supported: {', '.join(SUPPORTED_ARCHS)})")
   g = lambda k, d=None: _field(r, f"{arch}.{k}", d)
   n_heads = int(g("attention.head_count"))
   dim = int(g("embedding_length"))
-  vocab = g("vocab_size") or len(r.fields["tokenizer.ggml.tokens"].data)
-  names = {t.name for t in r.tensors}
+  names = set(r.tensors)
+  embed = r.tensors.get("token_embd.weight")
+  vocab = g("vocab_size") or (embed.ne[-1] if embed is not None else
+                              len(r.fields.get("tokenizer.ggml.tokens", ())))
   return ModelConfig(
       dim=dim, n_layers=int(g("block_count")), n_heads=n_heads,
       n_kv_heads=int(g("attention.head_count_kv", n_heads)),
@@ -56,69 +69,94 @@ def read_config(r, path: str = "") -> ModelConfig:
       head_dim=int(g("attention.key_length", dim // n_heads)),
       max_seq_len=int(g("context_length", 2048)),
       norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
-      rope_theta=float(g("rope.freq_base", 10000.0)),
-      # llama.cpp permutes llama q/k rows for its interleaved ("NORM") RoPE; qwen2 uses NEOX.
-      rope_layout="interleaved" if arch == "llama" else "half",
+      rope_theta=float(g("rope.freq_base", 10000.0)), rope_layout=ARCHS[arch],
       tied_embeddings="output.weight" not in names,
-      qkv_bias="blk.0.attn_q.bias" in names, arch=f"gguf-{arch}")
+      qkv_bias="blk.0.attn_q.bias" in names, qk_norm="blk.0.attn_q_norm.weight" in names,
+      arch=f"gguf-{arch}")
 
 
-def _dequantize(t, path: str) -> np.ndarray:
+def type_name(t: Tensor) -> str:
   import gguf
 
-  kind = t.tensor_type.name
-  if kind not in SUPPORTED_TYPES:
+  try:
+    return gguf.GGMLQuantizationType(t.type_id).name
+  except ValueError:
+    return f"#{t.type_id} (unknown)"
+
+
+def dequantize(r: GGUF, t: Tensor, path: str = "") -> np.ndarray:
+  """One tensor as float32 in numpy order (ne reversed): `gguf.quants.dequantize` of its bytes,
+  in slices of rows so a big embedding never needs several full-size temporaries."""
+  import gguf
+
+  kind = type_name(t)
+  if kind not in supported_types():
     raise ValueError(f"{path}: tensor {t.name} has GGML type {kind}, not supported "
-                     f"(supported: {', '.join(SUPPORTED_TYPES)})")
-  x = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
-  shape = tuple(int(s) for s in reversed(t.shape))  # ne[0] varies fastest
-  return np.asarray(x, np.float32).reshape(shape)
+                     f"(supported: {', '.join(supported_types())})")
+  qtype = gguf.GGMLQuantizationType(t.type_id)
+  rows = r.data(t)
+  y = np.empty((rows.shape[0], t.ne[0]), np.float32)
+  step = max(1, _ROW_BYTES // max(1, t.row_bytes))
+  for i in range(0, rows.shape[0], step):
+    y[i:i + step] = gguf.quants.dequantize(rows[i:i + step], qtype)
+  return y.reshape(t.shape)
+
+
+def _plan(c: ModelConfig) -> dict[str, tuple[str, callable]]:
+  """jaxspec layer parameter -> (GGUF tensor suffix, [out, in] array -> jaxspec layout)."""
+  D, N, K, H = c.dim, c.n_heads, c.n_kv_heads, c.head_dim
+  plan = {"attn_norm": ("attn_norm.weight", None),
+          "wq": ("attn_q.weight", lambda w: w.T.reshape(D, N, H)),
+          "wk": ("attn_k.weight", lambda w: w.T.reshape(D, K, H)),
+          "wv": ("attn_v.weight", lambda w: w.T.reshape(D, K, H)),
+          "wo": ("attn_output.weight", lambda w: w.T.reshape(N, H, D)),
+          "mlp_norm": ("ffn_norm.weight", None),
+          "w_gate": ("ffn_gate.weight", lambda w: w.T), "w_up": ("ffn_up.weight", lambda w: w.T),
+          "w_down": ("ffn_down.weight", lambda w: w.T)}
+  if c.qkv_bias:
+    plan.update(bq=("attn_q.bias", lambda w: w.reshape(N, H)),
+                bk=("attn_k.bias", lambda w: w.reshape(K, H)),
+                bv=("attn_v.bias", lambda w: w.reshape(K, H)))
+  if c.qk_norm:
+    plan.update(q_norm=("attn_q_norm.weight", None), k_norm=("attn_k_norm.weight", None))
+  return plan
 
 
 def load(path: str, progress: bool = True) -> tuple[ModelConfig, dict, HFTokenizer]:
   from tqdm.auto import tqdm
 
+  from .llama import param_shapes
+
   r = _reader(path)
   c = read_config(r, path)
-  tensors = {t.name: t for t in r.tensors}
-  L, D, N, K, H = c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim
-
-  def get(name):
-    if name not in tensors:
-      raise ValueError(f"{path}: GGUF file has no tensor {name!r}")
-    return tensors[name]
-
-  per_layer = {"attn_norm": "attn_norm.weight", "wq": "attn_q.weight", "wk": "attn_k.weight",
-               "wv": "attn_v.weight", "wo": "attn_output.weight", "mlp_norm": "ffn_norm.weight",
-               "w_gate": "ffn_gate.weight", "w_up": "ffn_up.weight", "w_down": "ffn_down.weight"}
-  if c.qkv_bias:
-    per_layer.update(bq="attn_q.bias", bk="attn_k.bias", bv="attn_v.bias")
-  reshape = {
-      "wq": lambda w: w.T.reshape(D, N, H), "wk": lambda w: w.T.reshape(D, K, H),
-      "wv": lambda w: w.T.reshape(D, K, H), "wo": lambda w: w.T.reshape(N, H, D),
-      "w_gate": lambda w: w.T, "w_up": lambda w: w.T, "w_down": lambda w: w.T,
-      "bq": lambda w: w.reshape(N, H), "bk": lambda w: w.reshape(K, H),
-      "bv": lambda w: w.reshape(K, H),
-  }
-  total = 2 + L * len(per_layer) + (0 if c.tied_embeddings else 1)
+  tensors = r.tensors
+  plan = _plan(c)
+  shapes = param_shapes(c)
+  total = 2 + c.n_layers * len(plan) + (0 if c.tied_embeddings else 1)
   bar = tqdm(total=total, desc=f"loading {os.path.basename(path)}", unit="tensor",
              disable=not progress, leave=False)
 
-  def read(name):
-    out = _dequantize(get(name), path)
+  def read(name, shape):
+    if name not in tensors:
+      raise ValueError(f"{path}: GGUF file has no tensor {name!r}")
+    t = tensors[name]
+    if int(np.prod(t.shape)) != int(np.prod(shape)):
+      raise ValueError(f"{path}: tensor {name} has shape {t.shape}, the config implies {shape}")
+    out = dequantize(r, t, path)
     bar.update(1)
     return out
 
   try:
-    params = {"embed": read("token_embd.weight"), "final_norm": read("output_norm.weight")}
-    layers = {k: [] for k in per_layer}
-    for i in range(L):
-      for k, suffix in per_layer.items():
-        w = read(f"blk.{i}.{suffix}")
-        layers[k].append(reshape.get(k, lambda w: w)(w))
-    params["layers"] = {k: np.stack(v) for k, v in layers.items()}
+    params = {"embed": read("token_embd.weight", shapes["embed"]),
+              "final_norm": read("output_norm.weight", shapes["final_norm"])}
+    layers = {k: np.empty(shapes["layers"][k], np.float32) for k in plan}  # filled in place
+    for i in range(c.n_layers):
+      for k, (suffix, to_layout) in plan.items():
+        w = read(f"blk.{i}.{suffix}", shapes["layers"][k][1:])
+        layers[k][i] = w if to_layout is None else to_layout(w)
+    params["layers"] = layers
     if not c.tied_embeddings:
-      params["lm_head"] = read("output.weight").T
+      params["lm_head"] = np.ascontiguousarray(read("output.weight", shapes["lm_head"]).T)
   except ValueError:
     raise
   except Exception as e:
@@ -129,27 +167,25 @@ def load(path: str, progress: bool = True) -> tuple[ModelConfig, dict, HFTokeniz
 
 
 def tokenizer(r, path: str = "") -> HFTokenizer:
-  model = _field(r, "tokenizer.ggml.model")
-  if model != "gpt2":
-    raise ValueError(f"{path}: GGUF tokenizer {model!r} is not supported (supported: gpt2 "
-                     f"byte-level BPE)")
+  """The tokenizer in a GGUF file's metadata (see `gguf_tokenizer`), with its specials, BOS
+  policy and chat template."""
   tokens = _field(r, "tokenizer.ggml.tokens")
-  merges = [tuple(m.split(" ", 1)) for m in _field(r, "tokenizer.ggml.merges")]
-  types = _field(r, "tokenizer.ggml.token_type") or [1] * len(tokens)
-  vocab = {t: i for i, t in enumerate(tokens)}
-  specials = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == 3}  # CONTROL
+  if tokens is None:
+    raise ValueError(f"{path}: GGUF file has no tokenizer (no tokenizer.ggml.tokens)")
+  kind = _field(r, "tokenizer.ggml.model")
+  unk = _field(r, "tokenizer.ggml.unknown_token_id")
+  tok, specials = gguf_tokenizer.build(
+      kind=kind, pre=_field(r, "tokenizer.ggml.pre"), arch=_field(r, "general.architecture"),
+      tokens=tokens, merges=_field(r, "tokenizer.ggml.merges"),
+      scores=_field(r, "tokenizer.ggml.scores"), token_types=_field(r, "tokenizer.ggml.token_type"),
+      unk_id=None if unk is None else int(unk), path=path)
   bos = _field(r, "tokenizer.ggml.bos_token_id")
   eos = _field(r, "tokenizer.ggml.eos_token_id")
-  pre = _field(r, "tokenizer.ggml.pre", "default")
-  if pre not in ("smollm", "gpt2", "default"):
-    raise ValueError(f"{path}: GGUF pre-tokenizer {pre!r} is not supported (supported: smollm, "
-                     f"gpt2); load the Hugging Face checkpoint directory instead")
-  return HFTokenizer.from_bpe(
-      vocab, merges, split_digits=pre == "smollm",
-      bos_id=None if bos is None else int(bos),
-      eos_ids=() if eos is None else (int(eos),),
-      add_bos=bool(_field(r, "tokenizer.ggml.add_bos_token", False)),
-      chat_template=_field(r, "tokenizer.chat_template"),
-      special_tokens=specials,
+  # llama.cpp adds BOS to a SentencePiece vocabulary unless the file says otherwise.
+  add_bos = _field(r, "tokenizer.ggml.add_bos_token", kind == "llama")
+  return HFTokenizer(
+      tok, bos_id=None if bos is None else int(bos),
+      eos_ids=() if eos is None else (int(eos),), add_bos=bool(add_bos),
+      chat_template=_field(r, "tokenizer.chat_template"), special_tokens=specials,
       bos_token=None if bos is None else tokens[int(bos)],
       eos_token=None if eos is None else tokens[int(eos)])

@@ -13,7 +13,12 @@ from typing import Any
 
 def render_chat_template(template: str, messages: Sequence[dict[str, str]], *,
                          add_generation_prompt: bool = True, **extra: Any) -> str:
-  """Renders a Hugging Face style Jinja chat template."""
+  """Renders a Hugging Face style Jinja chat template the way transformers does: a sandbox with
+  trimmed blocks, loop controls, a `tojson` that keeps non-ASCII text and does not escape HTML,
+  `raise_exception` and `strftime_now`."""
+  import datetime
+  import json
+
   import jinja2
   from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -24,8 +29,15 @@ def render_chat_template(template: str, messages: Sequence[dict[str, str]], *,
   def raise_exception(msg):
     raise jinja2.exceptions.TemplateError(msg)
 
-  env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+  def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+  env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                      extensions=["jinja2.ext.loopcontrols"])
+  env.filters["tojson"] = tojson
   env.globals["raise_exception"] = raise_exception
+  env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
   return env.from_string(template).render(
       messages=list(messages), add_generation_prompt=add_generation_prompt, **extra)
 
@@ -58,13 +70,15 @@ class Tokenizer:
     return ids
 
   def apply_chat_template(self, messages: Sequence[dict[str, str]], *,
-                          add_generation_prompt: bool = True, tokenize: bool = False):
+                          add_generation_prompt: bool = True, tokenize: bool = False, **extra):
+    """The chat rendered as text (or token ids); `extra` (e.g. `tools=[...]`) goes to the
+    template."""
     if not self.chat_template:
       raise ValueError("this model's tokenizer has no chat template (it is a base model); "
                        "pass plain text prompts instead of chat messages")
     text = render_chat_template(self.chat_template, messages,
                                 add_generation_prompt=add_generation_prompt,
-                                **self._template_vars())
+                                **{**self._template_vars(), **extra})
     return self.encode(text, add_bos=False) if tokenize else text
 
   def _template_vars(self) -> dict[str, Any]:

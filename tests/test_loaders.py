@@ -207,6 +207,10 @@ def _to_gguf_layout(cfg, params):
     out[p + "ffn_gate.weight"] = lay["w_gate"][i].T
     out[p + "ffn_up.weight"] = lay["w_up"][i].T
     out[p + "ffn_down.weight"] = lay["w_down"][i].T
+    for k, name in [("bq", "attn_q.bias"), ("bk", "attn_k.bias"), ("bv", "attn_v.bias"),
+                    ("q_norm", "attn_q_norm.weight"), ("k_norm", "attn_k_norm.weight")]:
+      if k in lay:
+        out[p + name] = lay[k][i].reshape(-1)
   return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
 
 
@@ -224,6 +228,11 @@ def _from_gguf_layout(cfg, tensors):
           "wo": blk("attn_output").transpose(0, 2, 1).reshape(L, N, H, D),
           "w_gate": blk("ffn_gate").transpose(0, 2, 1), "w_up": blk("ffn_up").transpose(0, 2, 1),
           "w_down": blk("ffn_down").transpose(0, 2, 1)}}
+  for k, name, shape in [("bq", "attn_q.bias", (N, H)), ("bk", "attn_k.bias", (K, H)),
+                         ("bv", "attn_v.bias", (K, H)), ("q_norm", "attn_q_norm.weight", (H,)),
+                         ("k_norm", "attn_k_norm.weight", (H,))]:
+    if f"blk.0.{name}" in tensors:
+      params["layers"][k] = np.stack([tensors[f"blk.{i}.{name}"].reshape(shape) for i in range(L)])
   if "output.weight" in tensors:
     params["lm_head"] = tensors["output.weight"].T
   return params
@@ -232,7 +241,7 @@ def _from_gguf_layout(cfg, tensors):
 def _qtype(name):
   """A mix of every supported storage type across the tensors of a tiny model."""
   from gguf import GGMLQuantizationType as Q
-  if "norm" in name:
+  if "norm" in name or name.endswith(".bias"):
     return Q.F32
   table = {"token_embd": Q.F16, "output": Q.Q8_0, "attn_q": Q.Q8_0, "attn_k": Q.Q4_0,
            "attn_v": Q.Q4_1, "attn_output": Q.Q4_0, "ffn_gate": Q.Q4_1, "ffn_up": Q.Q8_0,
@@ -240,8 +249,47 @@ def _qtype(name):
   return table[name.split(".")[-2]]
 
 
-def write_gguf(path, cfg, params, *, qtype=_qtype, arch="llama"):
-  """Writes a GGUF file of a jaxspec model; returns {name: dequantized float32 tensor}."""
+def quantize_bytes(x, t, seed=0):
+  """`x` stored as GGML type `t`: quantized where gguf-py can, else random blocks of valid
+  layout (the bytes gguf-py can only dequantize); returns (raw, dequantized float32 or None)."""
+  import gguf
+  from gguf import GGMLQuantizationType as Q
+  if t == Q.F32:
+    return x, x
+  if t == Q.F16:
+    return x.astype(np.float16), x.astype(np.float16).astype(np.float32)
+  try:
+    q = gguf.quants.quantize(x, t)
+  except NotImplementedError:
+    q = _random_blocks(x.shape, t, seed)
+  try:
+    return q, np.asarray(gguf.quants.dequantize(q, t), np.float32)
+  except NotImplementedError:
+    return q, None
+
+
+def _random_blocks(shape, t, seed):
+  """Random bytes in GGML type `t`'s block layout, blocks with non-finite values redrawn (a
+  random f16 scale is inf or NaN one time in 32)."""
+  import gguf
+  rng = np.random.default_rng(seed)
+  block, size = gguf.GGML_QUANT_SIZES[t]
+  q = rng.integers(0, 256, (int(np.prod(shape)) // block, size), np.uint8)
+  for _ in range(100):
+    try:
+      with np.errstate(all="ignore"):
+        bad = ~np.isfinite(gguf.quants.dequantize(q, t)).all(-1)
+    except NotImplementedError:
+      break
+    if not bad.any():
+      break
+    q[bad] = rng.integers(0, 256, (int(bad.sum()), size), np.uint8)
+  return q.reshape(gguf.quants.quant_shape_to_byte_shape(shape, t))
+
+
+def write_gguf(path, cfg, params, *, qtype=_qtype, arch="llama", tokenizer=None):
+  """Writes a GGUF file of a jaxspec model; returns {name: dequantized float32 tensor}.
+  `tokenizer(writer)` writes the vocabulary (default: the tiny byte-level BPE with ChatML)."""
   import gguf
   from gguf import GGMLQuantizationType as Q
 
@@ -252,31 +300,30 @@ def write_gguf(path, cfg, params, *, qtype=_qtype, arch="llama"):
   w.add_feed_forward_length(cfg.hidden_dim)
   w.add_head_count(cfg.n_heads)
   w.add_head_count_kv(cfg.n_kv_heads)
+  if cfg.head_dim != cfg.dim // cfg.n_heads:
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
   w.add_layer_norm_rms_eps(cfg.norm_eps)
   w.add_rope_freq_base(cfg.rope_theta)
-  tokens, merges = _tiny_vocab(cfg.vocab_size)
-  w.add_tokenizer_model("gpt2")
-  w.add_tokenizer_pre("smollm")
-  w.add_token_list(tokens)
-  w.add_token_merges(merges)
-  w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
-  w.add_bos_token_id(1)
-  w.add_eos_token_id(2)
-  w.add_add_bos_token(False)
-  w.add_chat_template(CHATML)
+  if tokenizer is None:
+    tokens, merges = _tiny_vocab(cfg.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_merges(merges)
+    w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHATML)
+  else:
+    tokenizer(w)
   dequantized = {}
-  for name, x in _to_gguf_layout(cfg, params).items():
+  for i, (name, x) in enumerate(_to_gguf_layout(cfg, params).items()):
     t = qtype(name)
-    if t == Q.F32:
-      w.add_tensor(name, x)
-    elif t == Q.F16:
-      x = x.astype(np.float16)
-      w.add_tensor(name, x)
-    else:
-      q = gguf.quants.quantize(x, t)
-      w.add_tensor(name, q, raw_dtype=t)
-      x = gguf.quants.dequantize(q, t)
-    dequantized[name] = np.asarray(x, np.float32)
+    q, x = quantize_bytes(x, t, seed=i)
+    w.add_tensor(name, q, raw_dtype=None if t in (Q.F32, Q.F16) else t)
+    dequantized[name] = x
   w.write_header_to_file()
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
@@ -284,9 +331,9 @@ def write_gguf(path, cfg, params, *, qtype=_qtype, arch="llama"):
   return dequantized
 
 
-def _source(tied, seed=0, scale=0.1):
+def _source(tied, seed=0, scale=0.1, **kw):
   """A tiny interleaved-RoPE config and random float32 params (numpy: no per-op compiles)."""
-  cfg = tiny_config(rope_layout="interleaved", tied_embeddings=tied)
+  cfg = tiny_config(**{"rope_layout": "interleaved", "tied_embeddings": tied, **kw})
   rng = np.random.default_rng(seed)
   shapes = param_shapes(cfg)
   is_shape = lambda x: isinstance(x, tuple)
@@ -412,12 +459,12 @@ def test_gguf_unsupported_architecture(tmp_path):
 
 def test_gguf_unsupported_tensor_type(tmp_path):
   import gguf
-  cfg, params = _source(tied=True)
-  path = tmp_path / "q5.gguf"
-  write_gguf(path, cfg, params,
+  cfg, params = _source(tied=True, dim=256, hidden_dim=256)
+  path = tmp_path / "q8k.gguf"
+  write_gguf(path, cfg, params,  # Q8_K: llama.cpp's dot-product scratch type, never dequantized
              qtype=lambda n: gguf.GGMLQuantizationType.F32 if "norm" in n else
-             gguf.GGMLQuantizationType.Q5_0)
-  with pytest.raises(ValueError, match="GGML type Q5_0, not supported"):
+             gguf.GGMLQuantizationType.Q8_K)
+  with pytest.raises(ValueError, match="GGML type Q8_K, not supported"):
     jaxspec.load_model(str(path), progress=False)
 
 
