@@ -5,20 +5,44 @@
     out = jaxspec.generate(model, ["Once upon a time"], drafter=jaxspec.drafters.NGram(k=4))
 """
 
-from jaxspec import drafters, trees
-from jaxspec.api import Result, Stats, generate, logits, stream
-from jaxspec.models import Model, ModelConfig
-from jaxspec.models.load import load as _load
-from jaxspec.checkpoint import save as save_checkpoint
+# Imported on first use (PEP 562), so `import jaxspec` is cheap and loads no jax: the
+# `jaxspec` command installs its Ctrl-C handling (jaxspec.interrupt) before jax is imported.
+_EXPORTS = {
+    "Result": ("jaxspec.api", "Result"),
+    "Stats": ("jaxspec.api", "Stats"),
+    "generate": ("jaxspec.api", "generate"),
+    "logits": ("jaxspec.api", "logits"),
+    "stream": ("jaxspec.api", "stream"),
+    "Model": ("jaxspec.models", "Model"),
+    "ModelConfig": ("jaxspec.models", "ModelConfig"),
+    "save_checkpoint": ("jaxspec.checkpoint", "save"),
+}
 
 
-def load_model(source, *, dtype=None, mesh=None, progress: bool = True) -> Model:
+def load_model(source, *, dtype=None, mesh=None, progress: bool = True):
   """Loads a model from "stories260K", a llama2.c .bin, a .gguf, a Hugging Face checkpoint
   directory or a jaxspec Orbax checkpoint directory (the format is detected from the path)."""
-  return _load(source, dtype=dtype, mesh=mesh, progress=progress)
+  from jaxspec.models.load import load
+  return load(source, dtype=dtype, mesh=mesh, progress=progress)
+
+
+def __getattr__(name: str):
+  import importlib
+  import importlib.util
+  if name in _EXPORTS:
+    module, attr = _EXPORTS[name]
+    value = getattr(importlib.import_module(module), attr)
+  elif not name.startswith("__") and importlib.util.find_spec(f"jaxspec.{name}") is not None:
+    value = importlib.import_module(f"jaxspec.{name}")  # drafters, trees, train, models, ...
+  else:
+    raise AttributeError(f"module 'jaxspec' has no attribute {name!r}")
+  globals()[name] = value
+  return value
+
+
+def __dir__():
+  return sorted(set(globals()) | set(__all__))
 
 
 __all__ = ["Model", "ModelConfig", "Result", "Stats", "drafters", "generate", "load_model", "logits",
            "save_checkpoint", "stream", "trees"]
-
-from jaxspec import train  # noqa: E402

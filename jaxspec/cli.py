@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jaxspec import interrupt
+
 EXAMPLES = """examples:
   jaxspec generate "Once upon a time"
   jaxspec generate "Once upon a time" --drafter early-exit:4 --k 4
@@ -218,15 +220,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+  """The command. Run as a program (argv None) it first takes over Ctrl-C and SIGTERM, before
+  anything imports jax: one line, `jaxspec: interrupted`, and exit status 130 (143 for
+  SIGTERM) at any moment, never a traceback or a crash (see jaxspec.interrupt)."""
+  if argv is None:
+    interrupt.install()
   a = build_parser().parse_args(argv)
   try:
     return a.fn(a)
   except (ValueError, TypeError, OSError, NotImplementedError, FloatingPointError) as e:
-    # One clean line for bad input (missing files, bad values, unsupported models), no traceback.
-    msg = " ".join(str(e).split()) or type(e).__name__
+    # One clean line for bad input (missing files, bad values, unsupported models), no traceback;
+    # errors may carry the command-line wording (`--no-resume` rather than `resume=False`).
+    msg = " ".join(str(getattr(e, "cli_message", None) or e).split()) or type(e).__name__
     print(f"jaxspec: error: {msg}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
+    if interrupt.installed():
+      interrupt.exit_now(interrupt.requested())  # os._exit: XLA's threads may still be running
     print("jaxspec: interrupted", file=sys.stderr)
     return 130
 
