@@ -35,6 +35,10 @@ import warnings
 
 import numpy as np
 
+from jaxspec.models import hf_names
+from jaxspec.models.hf_config import to_hf_config
+from jaxspec.models.hf_names import rope_permutation  # noqa: F401 (part of peers' surface)
+
 HF_METHODS = ("hf greedy (static cache)", "hf greedy (dynamic cache)", "hf prompt lookup",
               "hf assisted")
 
@@ -74,51 +78,9 @@ def default_assistant_layers(n_layers: int) -> int:
   return max(1, min(n_layers - 1, (3 * n_layers) // 4))
 
 
-_HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
-               "llama2c": ("LlamaConfig", "LlamaForCausalLM"),
-               "mistral": ("LlamaConfig", "LlamaForCausalLM"),  # no sliding window in jaxspec
-               "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-               "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
-
-
-def rope_permutation(head_dim: int, layout: str) -> np.ndarray:
-  """Head-dim permutation taking jaxspec's q/k layout to transformers' rotate-half layout."""
-  if layout == "half":
-    return np.arange(head_dim)
-  return np.concatenate([np.arange(0, head_dim, 2), np.arange(1, head_dim, 2)])
-
-
 def hf_state_dict(model) -> dict:
   """jaxspec params -> {transformers name: numpy array} (rotate-half q/k layout)."""
-  import jax
-
-  c = model.config
-  p = jax.tree.map(lambda x: np.asarray(x, np.float32), jax.device_get(model.params))
-  lay = p["layers"]
-  D, N, K, H = c.dim, c.n_heads, c.n_kv_heads, c.head_dim
-  perm = rope_permutation(H, c.rope_layout)
-  sd = {"model.embed_tokens.weight": p["embed"], "model.norm.weight": p["final_norm"]}
-  if not c.tied_embeddings:
-    sd["lm_head.weight"] = p["lm_head"].T
-  for i in range(c.n_layers):
-    pre = f"model.layers.{i}."
-    sd[pre + "input_layernorm.weight"] = lay["attn_norm"][i]
-    sd[pre + "post_attention_layernorm.weight"] = lay["mlp_norm"][i]
-    sd[pre + "self_attn.q_proj.weight"] = lay["wq"][i][:, :, perm].reshape(D, N * H).T
-    sd[pre + "self_attn.k_proj.weight"] = lay["wk"][i][:, :, perm].reshape(D, K * H).T
-    sd[pre + "self_attn.v_proj.weight"] = lay["wv"][i].reshape(D, K * H).T
-    sd[pre + "self_attn.o_proj.weight"] = lay["wo"][i].reshape(N * H, D).T
-    sd[pre + "mlp.gate_proj.weight"] = lay["w_gate"][i].T
-    sd[pre + "mlp.up_proj.weight"] = lay["w_up"][i].T
-    sd[pre + "mlp.down_proj.weight"] = lay["w_down"][i].T
-    if c.qkv_bias:
-      sd[pre + "self_attn.q_proj.bias"] = lay["bq"][i][:, perm].reshape(-1)
-      sd[pre + "self_attn.k_proj.bias"] = lay["bk"][i][:, perm].reshape(-1)
-      sd[pre + "self_attn.v_proj.bias"] = lay["bv"][i].reshape(-1)
-    if c.qk_norm:
-      sd[pre + "self_attn.q_norm.weight"] = lay["q_norm"][i][perm]
-      sd[pre + "self_attn.k_norm.weight"] = lay["k_norm"][i][perm]
-  return sd
+  return hf_names.state_dict(model.config, model.params)
 
 
 def to_transformers(model, *, n_layers: int | None = None, dtype=None):
@@ -131,31 +93,14 @@ def to_transformers(model, *, n_layers: int | None = None, dtype=None):
   if n_layers is not None and n_layers != model.config.n_layers:
     model = truncate(model, n_layers)
   c = model.config
-  arch = c.arch.removeprefix("gguf-")
-  if arch not in _HF_CLASSES:
-    raise ValueError(f"cannot export architecture {c.arch!r} to transformers (supported: "
-                     f"{', '.join(_HF_CLASSES)})")
-  cfg_name, cls_name = _HF_CLASSES[arch]
+  cfg_name, cls_name, kw = to_hf_config(c)
   if dtype is None:
     dtype = torch.float32 if str(model.dtype) == "float32" else torch.bfloat16
   tok = model.tokenizer
   eos = [int(e) for e in tok.eos_ids] if tok is not None and tok.eos_ids else None
   bos = getattr(tok, "bos_id", None)
-  kw = dict(vocab_size=int(c.vocab_size), hidden_size=int(c.dim),
-            intermediate_size=int(c.hidden_dim), num_hidden_layers=int(c.n_layers),
-            num_attention_heads=int(c.n_heads), num_key_value_heads=int(c.n_kv_heads),
-            head_dim=int(c.head_dim), max_position_embeddings=int(c.max_seq_len),
-            rms_norm_eps=float(c.norm_eps), rope_theta=float(c.rope_theta),
-            tie_word_embeddings=bool(c.tied_embeddings),
-            bos_token_id=None if bos is None else int(bos), eos_token_id=eos,
+  kw.update(bos_token_id=None if bos is None else int(bos), eos_token_id=eos,
             pad_token_id=eos[0] if eos else 0)
-  if c.rope_scaling is not None:
-    s = c.rope_scaling
-    kw["rope_scaling"] = dict(rope_type="llama3", rope_theta=float(c.rope_theta),
-                              factor=float(s.factor), low_freq_factor=float(s.low_freq_factor),
-                              high_freq_factor=float(s.high_freq_factor),
-                              original_max_position_embeddings=int(
-                                  s.original_max_position_embeddings))
   hf_cfg = getattr(transformers, cfg_name)(**kw)
   with _quiet():
     m = getattr(transformers, cls_name)(hf_cfg)

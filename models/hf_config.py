@@ -270,7 +270,8 @@ def to_hf_config(c: ModelConfig) -> tuple[str, str, dict[str, Any]]:
   if arch in GEMMA:
     kw.update(hidden_activation="gelu_pytorch_tanh", hidden_act="gelu_pytorch_tanh")
   if arch in ("gemma2", "gemma3"):
-    kw.update(query_pre_attn_scalar=(c.query_scale ** -2 if c.query_scale else c.head_dim),
+    scalar = int(round(c.query_scale ** -2)) if c.query_scale else c.head_dim
+    kw.update(query_pre_attn_scalar=scalar,
               attn_logit_softcapping=c.attn_softcap, final_logit_softcapping=c.final_softcap,
               sliding_window=c.sliding_window or c.max_seq_len, layer_types=types)
   elif c.sliding_window is not None:

@@ -129,8 +129,9 @@ def read_params(w, c: ModelConfig, dtype, *, progress: bool = True,
   finally:
     bar.close()
   mine = lambda n: n.startswith(prefix) or n == head_name  # skip a multimodal vision tower
+  tied_head = lambda n: c.tied_embeddings and n == head_name
   left = sorted(n for n in w.where if n not in used and mine(n)
-                and not n.endswith(_IGNORED_SUFFIXES) and not (c.tied_embeddings and n == head_name))
+                and not n.endswith(_IGNORED_SUFFIXES) and not tied_head(n))
   if left:
     more = f" and {len(left) - 5} more" if len(left) > 5 else ""
     raise ValueError(f"checkpoint has tensors the {c.arch} config does not use: "

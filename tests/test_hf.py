@@ -509,7 +509,8 @@ def test_window_logits_match_transformers(windowed):
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
-FWD_CHUNKED = jax.jit(models.forward, static_argnums=(1,), static_argnames=("attn_chunk", "n_layers"))
+FWD_CHUNKED = jax.jit(models.forward, static_argnums=(1,),
+                      static_argnames=("attn_chunk", "n_layers"))
 
 
 @pytest.mark.parametrize("chunk", [None, 4])
@@ -601,3 +602,32 @@ def test_window_speculative_equals_plain(case, tmp_path):
                   EarlyExit(layers=1, tree=Dynamic(nodes=8, topk=2, depth=3))):
     got = jaxspec.generate(model, prompts, drafter=drafter, **kw).tokens
     assert got == plain, drafter
+
+
+def test_window_export_to_transformers(windowed):
+  """`peers.to_transformers` (the same weight-name table and config, inverted) rebuilds a
+  transformers model with the original's logits."""
+  from jaxspec import peers
+  _, m, model = windowed
+  back = peers.to_transformers(model)
+  assert type(back).__name__ == type(m).__name__
+  ids = torch.tensor(_ids(2, 30), dtype=torch.long)
+  with torch.no_grad():
+    np.testing.assert_allclose(back(ids).logits.numpy(), m(ids).logits.numpy(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (dict(use_bidirectional_attention=True), "use_bidirectional_attention=true is not supported"),
+    (dict(hidden_activation="gelu"), r"hidden_activation='gelu' is not supported for gemma3"),
+    (dict(layer_types=["sliding_attention"]), "layer_types must list 'sliding_attention' or "
+                                              "'full_attention' for each of the 3 layers"),
+    (dict(rope_parameters={"sliding_attention": {"rope_type": "linear", "factor": 2.0},
+                           "full_attention": {"rope_type": "default"}}),
+     "RoPE scaling on sliding-window layers is not supported"),
+])
+def test_gemma_config_errors(edit, match):
+  cfg = build_windowed("gemma3-window").config.to_dict()
+  with pytest.raises(ValueError, match=match):
+    hf.read_config(dict(cfg, **edit))
+  with pytest.raises(ValueError, match="has no 'text_config' object"):
+    hf.read_config(dict(architectures=["Gemma3ForConditionalGeneration"], model_type="gemma3"))
