@@ -12,14 +12,16 @@ import os
 import numpy as np
 
 from . import gguf_tokenizer
-from .config import ModelConfig
+from .config import ModelConfig, RopeScaling
 from .gguf_reader import GGUF, Tensor
 from .tokenizer import HFTokenizer
 
 # GGUF architecture -> the RoPE layout its q/k weights are stored for: llama.cpp's converter
 # permutes llama (and Mistral, which it writes as llama) rows for interleaved ("NORM") RoPE;
-# qwen2/qwen3 use NEOX RoPE, Hugging Face's rotate-half.
-ARCHS = {"llama": "interleaved", "mistral": "interleaved", "qwen2": "half", "qwen3": "half"}
+# qwen2/qwen3 and Gemma use NEOX RoPE, Hugging Face's rotate-half.
+ARCHS = {"llama": "interleaved", "mistral": "interleaved", "qwen2": "half", "qwen3": "half",
+         "gemma": "half", "gemma2": "half", "gemma3": "half"}
+GEMMA = ("gemma", "gemma2", "gemma3")
 SUPPORTED_ARCHS = tuple(ARCHS)
 _ROW_BYTES = 1 << 24  # dequantize big tensors in slices of rows of about this many bytes
 
@@ -62,6 +64,7 @@ def read_config(r, path: str = "") -> ModelConfig:
   embed = r.tensors.get("token_embd.weight")
   vocab = g("vocab_size") or (embed.ne[-1] if embed is not None else
                               len(r.fields.get("tokenizer.ggml.tokens", ())))
+  extra = _gemma(g, arch, dim, n_heads, int(g("block_count"))) if arch in GEMMA else {}
   return ModelConfig(
       dim=dim, n_layers=int(g("block_count")), n_heads=n_heads,
       n_kv_heads=int(g("attention.head_count_kv", n_heads)),
@@ -72,7 +75,33 @@ def read_config(r, path: str = "") -> ModelConfig:
       rope_theta=float(g("rope.freq_base", 10000.0)), rope_layout=ARCHS[arch],
       tied_embeddings="output.weight" not in names,
       qkv_bias="blk.0.attn_q.bias" in names, qk_norm="blk.0.attn_q_norm.weight" in names,
-      arch=f"gguf-{arch}")
+      arch=f"gguf-{arch}", **extra)
+
+
+def _gemma(g, arch: str, dim: int, n_heads: int, n_layers: int) -> dict:
+  """Gemma fields as llama.cpp reads them: soft-caps and the window from metadata, local layers
+  every other one (Gemma 2) or five of six (Gemma 3) with base 10000 on Gemma 3's, and the
+  query scale 1/sqrt(head_dim) except 1/sqrt(dim / heads) for the 27B models."""
+  out = dict(act="gelu_tanh", embed_scale=True, norm_plus_one=True)
+  if arch == "gemma":
+    return out
+  head_dim = int(g("attention.key_length", dim // n_heads))
+  big = n_layers in (46, 62)  # Gemma 2 / Gemma 3 27B: query_pre_attn_scalar = dim / heads
+  cap = lambda k: float(g(k)) if g(k) is not None else None
+  window = g("attention.sliding_window")
+  out.update(post_norms=True, query_scale=(dim / n_heads if big else head_dim) ** -0.5,
+             attn_softcap=cap("attn_logit_softcapping"),
+             final_softcap=cap("final_logit_softcapping"),
+             sliding_window=None if window is None else int(window),
+             local_pattern=(True, False) if arch == "gemma2" else (True,) * 5 + (False,))
+  if arch == "gemma3":
+    out["rope_local_theta"] = float(g("rope.freq_base_swa", 10000.0))
+    kind, factor = g("rope.scaling.type"), g("rope.scaling.factor")
+    if kind not in (None, "none") and factor is not None and float(factor) != 1.0:
+      if kind != "linear":
+        raise ValueError(f"GGUF gemma3 RoPE scaling {kind!r} is not supported (supported: linear)")
+      out["rope_scaling"] = RopeScaling(factor=float(factor), rope_type="linear")
+  return out
 
 
 def type_name(t: Tensor) -> str:
@@ -119,6 +148,11 @@ def _plan(c: ModelConfig) -> dict[str, tuple[str, callable]]:
                 bv=("attn_v.bias", lambda w: w.reshape(K, H)))
   if c.qk_norm:
     plan.update(q_norm=("attn_q_norm.weight", None), k_norm=("attn_k_norm.weight", None))
+  if c.post_norms:  # Gemma 2 / 3; ffn_norm is the pre-feed-forward norm
+    plan.update(post_attn_norm=("post_attention_norm.weight", None),
+                post_mlp_norm=("post_ffw_norm.weight", None))
+  if c.norm_plus_one:  # llama.cpp stores Gemma norms as 1 + w; jaxspec (like HF) keeps w
+    plan = {k: (s, (lambda w: w - 1) if "norm" in k else f) for k, (s, f) in plan.items()}
   return plan
 
 
@@ -149,6 +183,8 @@ def load(path: str, progress: bool = True) -> tuple[ModelConfig, dict, HFTokeniz
   try:
     params = {"embed": read("token_embd.weight", shapes["embed"]),
               "final_norm": read("output_norm.weight", shapes["final_norm"])}
+    if c.norm_plus_one:
+      params["final_norm"] = params["final_norm"] - 1
     layers = {k: np.empty(shapes["layers"][k], np.float32) for k in plan}  # filled in place
     for i in range(c.n_layers):
       for k, (suffix, to_layout) in plan.items():

@@ -455,9 +455,11 @@ WINDOW_CASES = {
 W_PROMPT, W_NEW = 12, 20  # the generation runs well past the window
 
 
-def build_windowed(case: str, seed: int = 0):
-  """A random float32 transformers model of a WINDOW_CASES kind (head_dim 16, GQA 4/2)."""
+def build_windowed(case: str, seed: int = 0, **over):
+  """A random float32 transformers model of a WINDOW_CASES kind (head_dim 16, GQA 4/2);
+  `over` replaces config fields."""
   cfg_cls, model_cls, kw = WINDOW_CASES[case]
+  kw = dict(kw, **over)
   base = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, head_dim=16,
               max_position_embeddings=128, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
@@ -631,3 +633,92 @@ def test_gemma_config_errors(edit, match):
     hf.read_config(dict(cfg, **edit))
   with pytest.raises(ValueError, match="has no 'text_config' object"):
     hf.read_config(dict(architectures=["Gemma3ForConditionalGeneration"], model_type="gemma3"))
+
+
+# llama.cpp's names for Gemma tensors (convert_hf_to_gguf.py), per-layer.
+_GGUF_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
+               "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+               "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+               "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
+               "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def _write_gemma_gguf(m, path, arch):
+  """A float32 GGUF of a transformers Gemma model, written as llama.cpp's converter does
+  (norm weights stored as 1 + w, names and metadata keys of llama.cpp)."""
+  import gguf
+  import test_loaders
+  c = m.config
+  w = gguf.GGUFWriter(str(path), arch)
+  w.add_block_count(c.num_hidden_layers)
+  w.add_context_length(c.max_position_embeddings)
+  w.add_embedding_length(c.hidden_size)
+  w.add_feed_forward_length(c.intermediate_size)
+  w.add_head_count(c.num_attention_heads)
+  w.add_head_count_kv(c.num_key_value_heads)
+  w.add_key_length(c.head_dim)
+  w.add_value_length(c.head_dim)
+  w.add_layer_norm_rms_eps(c.rms_norm_eps)
+  if arch == "gemma3":
+    w.add_rope_freq_base(c.rope_parameters["full_attention"]["rope_theta"])
+  else:
+    w.add_rope_freq_base(10000.0)
+  if arch != "gemma":
+    w.add_sliding_window(c.sliding_window)
+  if arch == "gemma2":
+    w.add_float32(f"{arch}.attn_logit_softcapping", c.attn_logit_softcapping)
+    w.add_float32(f"{arch}.final_logit_softcapping", c.final_logit_softcapping)
+  tokens, merges = test_loaders._tiny_vocab(V)
+  w.add_tokenizer_model("gpt2")
+  w.add_tokenizer_pre("smollm")
+  w.add_token_list(tokens)
+  w.add_token_merges(merges)
+  w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+  for name, x in m.state_dict().items():
+    x = x.float().numpy()
+    if name.endswith("norm.weight"):
+      x = x + 1
+    name = name.removeprefix("model.")
+    if name == "embed_tokens.weight":
+      w.add_tensor("token_embd.weight", x)
+    elif name == "norm.weight":
+      w.add_tensor("output_norm.weight", x)
+    elif name.startswith("layers."):
+      _, i, rest = name.split(".", 2)
+      rest = rest.removesuffix(".weight")
+      if arch == "gemma":
+        extra = {"post_attention_layernorm": "ffn_norm"}
+      else:
+        extra = {"post_attention_layernorm": "post_attention_norm",
+                 "pre_feedforward_layernorm": "ffn_norm",
+                 "post_feedforward_layernorm": "post_ffw_norm"}
+      w.add_tensor(f"blk.{i}.{dict(_GGUF_NAMES, **extra)[rest]}.weight", x)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+
+
+@pytest.mark.parametrize("case, arch", [("gemma1-mqa", "gemma"), ("gemma2-window", "gemma2"),
+                                        ("gemma3-window", "gemma3")])
+def test_gemma_gguf_matches_transformers(case, arch, tmp_path):
+  """GGUF gemma / gemma2 / gemma3 as llama.cpp writes them: the same logits as transformers."""
+  # llama.cpp derives the query scale from head_dim (as for Gemma 2 2B/9B, Gemma 3 up to 12B)
+  # and cycles five local layers to one global on gemma3 (three layers: all local).
+  over = {} if arch == "gemma" else dict(query_pre_attn_scalar=16)
+  if arch == "gemma3":
+    over.update(layer_types=["sliding_attention"] * 3, rope_parameters={
+        "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+  m = build_windowed(case, **over)
+  path = tmp_path / f"{arch}.gguf"
+  _write_gemma_gguf(m, path, arch)
+  model = jaxspec.load_model(str(path), progress=False)
+  c = model.config
+  assert c.arch == f"gguf-{arch}" and c.norm_plus_one and c.sliding_window == (
+      None if arch == "gemma" else WINDOW)
+  ids = _ids(2, 30)
+  with torch.no_grad():
+    want = m(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+  got = np.asarray(FWD(model.params, model.config, jnp.asarray(ids)).logits)
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
