@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxspec.models import llama
+from jaxspec.models.finite import check_tree
 from jaxspec.models.config import ModelConfig, RopeScaling
 from jaxspec.models.model import Model
 from jaxspec.models.tokenizer import (ByteTokenizer, HFTokenizer, SentencePieceTokenizer,
@@ -323,6 +324,7 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None) -> Model:
   if structure(saved_shapes) != structure(want):
     raise ValueError(f"{path}: saved parameters have entries the saved config does not use")
   params = _restore(ckpt, params_dir, want, saved, dtype, mesh, config)
+  check_tree(params, params_dir)
   tok = _load_tokenizer(info.get("tokenizer"), path)
   return Model(config=config, params=params, tokenizer=tok, name=info.get("name") or "model")
 
@@ -337,6 +339,7 @@ def load_head(path: str | os.PathLike, *, dtype=None, mesh=None) -> Checkpoint:
   ckpt, saved = _open(params_dir)
   shapes = jax.tree.map(lambda m: tuple(m.shape), saved)
   params = _restore(ckpt, params_dir, shapes, saved, dtype, mesh)
+  check_tree(params, params_dir)
   return Checkpoint(kind=info["kind"], params=params, config=_decode(info.get("config")),
                     meta=_decode(info.get("meta") or {}), name=info.get("name"))
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from . import gguf_tokenizer
 from .config import ModelConfig, RopeScaling
+from .finite import check_finite
 from .gguf_reader import GGUF, Tensor
 from .tokenizer import HFTokenizer
 
@@ -177,6 +178,7 @@ def load(path: str, progress: bool = True) -> tuple[ModelConfig, dict, HFTokeniz
     if int(np.prod(t.shape)) != int(np.prod(shape)):
       raise ValueError(f"{path}: tensor {name} has shape {t.shape}, the config implies {shape}")
     out = dequantize(r, t, path)
+    check_finite(name, out, path)
     bar.update(1)
     return out
 

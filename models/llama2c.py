@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from .config import ModelConfig
+from .finite import check_finite
 
 _HEADER = 7  # int32: dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len
 
@@ -49,12 +50,11 @@ def load(path: str) -> tuple[ModelConfig, dict]:
     raise ValueError(f"{path}: {actual - expected} unexpected trailing bytes after a llama2.c "
                      f"checkpoint of {expected} bytes (is it a newer version-1/2 export?)")
   flat = np.fromfile(path, np.float32, n_floats, offset=_HEADER * 4)
-  if not np.all(np.isfinite(flat)):
-    raise ValueError(f"{path}: checkpoint contains NaN or infinite weights (corrupt file?)")
   t, off = {}, 0
   for name, shape in sizes:
     n = int(np.prod(shape))
     t[name] = flat[off:off + n].reshape(shape)
+    check_finite(name, t[name], path)
     off += n
   N, K = c.n_heads, c.n_kv_heads
   # llama2.c stores W[out, in] (y = W @ x); jaxspec keeps x @ W with heads split out.

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .finite import check_finite
 from .hf_config import read_json
 
 # safetensors dtype codes numpy cannot hold natively, read from raw bytes via ml_dtypes.
@@ -133,4 +134,6 @@ class Weights:
     if got != tuple(shape):
       raise ValueError(f"{self.where[name]}: tensor {name!r} has shape {got} but config.json "
                        f"implies {tuple(shape)} ({what}); config and weights do not match")
-    return self.files[self.where[name]].read(name)
+    x = self.files[self.where[name]].read(name)
+    check_finite(name, x, self.where[name])
+    return x

@@ -308,7 +308,16 @@ def test_cli_bad_files_are_one_line(tmp_path, capsys):
 
 
 def test_cli_nan_model_is_one_line(tmp_path, capsys):
+  # NaN weights are refused at load time; finite weights that overflow (attention norms of
+  # 1e20: q.k overflows float32) give non-finite logits at generate time. One line either way.
   path = jaxspec.save_checkpoint(nan_model("all", vocab_size=259), tmp_path / "nan")
+  rc, _, err = _cli(["generate", "hi", "--model", str(path), "--max-new-tokens", "4",
+                     "--no-stream"], capsys)
+  assert rc == 2 and err.count("\n") == 1 and "holds NaN or infinite weights" in err, err
+  m = tiny_model(seed=6, vocab_size=259)
+  layers = dict(m.params["layers"], attn_norm=m.params["layers"]["attn_norm"] * 1e20)
+  huge = Model(m.config, dict(m.params, layers=layers), m.tokenizer, name="overflow")
+  path = jaxspec.save_checkpoint(huge, tmp_path / "overflow")
   rc, _, err = _cli(["generate", "hi", "--model", str(path), "--max-new-tokens", "4",
                      "--no-stream"], capsys)
   assert rc == 2 and err.count("\n") == 1 and "non-finite logits" in err, err

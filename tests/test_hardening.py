@@ -249,3 +249,64 @@ def test_cli_ctrl_c_bench_and_train_drafter(tmp_path):
                      "--steps", "300", "--num-prompts", "8", "--samples-per-prompt", "1",
                      "--seq-len", "32", "--batch-size", "4", "--eval-every", "0"]
   _assert_one_line(_signal_runs(train, [0.5, 3.0, 8.0, 14.0]), alone=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# NaN / inf weights: refused at load time for every format, naming the tensor
+
+
+def _nan_source():
+  from test_loaders import _source
+  cfg, params = _source(tied=False)
+  params["layers"]["w_up"][1, 3, 5] = np.nan  # layer 1's up projection
+  return cfg, params
+
+
+def test_nan_weights_rejected_at_load_gguf(tmp_path):
+  from gguf import GGMLQuantizationType as Q
+  from test_loaders import write_gguf
+  cfg, params = _nan_source()
+  write_gguf(tmp_path / "nan.gguf", cfg, params, qtype=lambda name: Q.F32)
+  with pytest.raises(ValueError, match=r"nan.gguf: tensor 'blk.1.ffn_up.weight' holds NaN or "
+                                       r"infinite weights \(1 of 2048 values"):
+    jaxspec.load_model(str(tmp_path / "nan.gguf"), progress=False)
+  cfg, params = _nan_source()
+  params["layers"]["w_up"][1, 3, 5] = 0.0
+  params["embed"][7, 1] = np.inf  # stored as F16
+  write_gguf(tmp_path / "inf.gguf", cfg, params,
+             qtype=lambda name: Q.F16 if name.startswith("token_embd") else Q.F32)
+  with pytest.raises(ValueError, match=r"tensor 'token_embd.weight' holds NaN or infinite .* "
+                                       r"first at index \(7, 1\)"):
+    jaxspec.load_model(str(tmp_path / "inf.gguf"), progress=False)
+
+
+def test_nan_weights_rejected_at_load_hf(tmp_path):
+  from safetensors.numpy import save_file
+  from jaxspec.models.hf_names import state_dict
+  cfg, params = _nan_source()
+  (tmp_path / "config.json").write_text(json.dumps(dict(
+      architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=cfg.vocab_size,
+      hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim, num_hidden_layers=cfg.n_layers,
+      num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+      tie_word_embeddings=False, torch_dtype="float32")))
+  sd = state_dict(cfg, params)
+  save_file(sd, str(tmp_path / "model.safetensors"))
+  with pytest.raises(ValueError, match=r"model.safetensors: tensor 'model.layers.1.mlp.up_proj"
+                                       r".weight' holds NaN or infinite weights"):
+    jaxspec.load_model(str(tmp_path), progress=False)
+
+
+def test_nan_weights_rejected_at_load_orbax_and_llama2c(tmp_path):
+  m = tiny_model(seed=3)
+  layers = dict(m.params["layers"], w_down=m.params["layers"]["w_down"].at[0, 2, 2].set(jnp.inf))
+  bad = jaxspec.Model(m.config, dict(m.params, layers=layers), m.tokenizer, name="inf")
+  path = jaxspec.save_checkpoint(bad, tmp_path / "orbax")
+  with pytest.raises(ValueError, match=r"params: tensor 'layers/w_down' holds NaN or infinite "
+                                       r"weights \(1 of \d+ values, the first at index \(0, 2, 2\)"):
+    jaxspec.load_model(path)
+  from jaxspec.models.load import embedded_path
+  data = bytearray(open(os.path.join(embedded_path("stories260K"), "stories260K.bin"), "rb").read())
+  data[28 + 4 * 100:28 + 4 * 101] = np.float32(np.nan).tobytes()  # one embedding weight
+  (tmp_path / "nan.bin").write_bytes(bytes(data))
+  with pytest.raises(ValueError, match=r"nan.bin: tensor 'embed' holds NaN .* index \(1, 36\)"):
+    jaxspec.load_model(str(tmp_path / "nan.bin"))
