@@ -30,8 +30,8 @@ from jaxspec.models import llama
 from jaxspec.models.finite import check_tree
 from jaxspec.models.config import ModelConfig, RopeScaling
 from jaxspec.models.model import Model
-from jaxspec.models.tokenizer import (ByteTokenizer, HFTokenizer, SentencePieceTokenizer,
-                                      Tokenizer)
+from jaxspec.models.tokenizer import Tokenizer
+from jaxspec.models.tokenizer import restore as restore_tokenizer
 
 META_FILE = "jaxspec_checkpoint.json"
 PARAMS_DIR = "params"
@@ -122,52 +122,16 @@ def config_from_dict(d: dict[str, Any], path: str = META_FILE) -> ModelConfig:
 
 
 def _save_tokenizer(tok: Tokenizer | None, folder: str) -> dict[str, Any] | None:
-  if tok is None:
-    return None
-  if isinstance(tok, HFTokenizer):
-    with open(os.path.join(folder, "tokenizer.json"), "w", encoding="utf-8") as f:
-      f.write(tok._tok.to_str())
-    return {"type": "hf", "file": "tokenizer.json", "bos_id": tok.bos_id,
-            "eos_ids": list(tok.eos_ids), "add_bos": tok.add_bos,
-            "chat_template": tok.chat_template, "special_tokens": tok.special_tokens,
-            "bos_token": tok._bos_token, "eos_token": tok._eos_token}
-  if isinstance(tok, SentencePieceTokenizer):
-    src = getattr(tok, "model_file", None)
-    if src is not None and os.path.exists(src):
-      with open(src, "rb") as f:
-        blob = f.read()
-    else:
-      blob = tok._sp.serialized_model_proto()
-    with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
-      f.write(blob)
-    return {"type": "sentencepiece", "file": "tokenizer.model", "add_bos": tok.add_bos,
-            "eos_ids": list(tok.eos_ids)}
-  if isinstance(tok, ByteTokenizer):
-    return {"type": "bytes", "vocab": tok.vocab, "bos_id": tok.bos_id,
-            "eos_ids": list(tok.eos_ids), "add_bos": tok.add_bos,
-            "chat_template": tok.chat_template, "special_tokens": tok.special_tokens}
-  raise TypeError(f"cannot save a tokenizer of type {type(tok).__name__} (supported: "
-                  f"HFTokenizer, SentencePieceTokenizer, ByteTokenizer)")
+  return None if tok is None else tok.save(folder)
 
 
 def _load_tokenizer(d: dict[str, Any] | None, folder: str) -> Tokenizer | None:
   if d is None:
     return None
-  kind = d.get("type")
-  if kind == "hf":
-    from tokenizers import Tokenizer as _Tok
-    tok = _Tok.from_file(os.path.join(folder, d["file"]))
-    return HFTokenizer(tok, bos_id=d["bos_id"], eos_ids=d["eos_ids"], add_bos=d["add_bos"],
-                       chat_template=d["chat_template"], special_tokens=d["special_tokens"],
-                       bos_token=d["bos_token"], eos_token=d["eos_token"])
-  if kind == "sentencepiece":
-    return SentencePieceTokenizer(os.path.join(folder, d["file"]), add_bos=d["add_bos"],
-                                  eos_ids=d["eos_ids"])
-  if kind == "bytes":
-    return ByteTokenizer(vocab=d["vocab"], bos_id=d["bos_id"], eos_ids=tuple(d["eos_ids"]),
-                         add_bos=d["add_bos"], chat_template=d["chat_template"],
-                         special_tokens=d["special_tokens"])
-  raise ValueError(f"{os.path.join(folder, META_FILE)}: unknown tokenizer type {kind!r}")
+  try:
+    return restore_tokenizer(d, folder)
+  except ValueError as e:
+    raise ValueError(f"{os.path.join(folder, META_FILE)}: {e}") from e
 
 
 # ---------------------------------------------------------------------------------------- save

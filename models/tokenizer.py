@@ -84,6 +84,33 @@ class Tokenizer:
   def _template_vars(self) -> dict[str, Any]:
     return {}
 
+  def save(self, folder: str) -> dict[str, Any]:
+    """Writes the files this tokenizer needs into `folder` and returns a JSON-safe description;
+    `restore(description, folder)` rebuilds an equal tokenizer (jaxspec checkpoints)."""
+    raise TypeError(f"cannot save a tokenizer of type {type(self).__name__} (supported: "
+                    f"HFTokenizer, SentencePieceTokenizer, ByteTokenizer)")
+
+
+def restore(d: dict[str, Any], folder: str) -> Tokenizer:
+  """The tokenizer a `Tokenizer.save(folder)` description describes."""
+  import os
+
+  kind = d.get("type")
+  if kind == "hf":
+    from tokenizers import Tokenizer as _Tok
+    tok = _Tok.from_file(os.path.join(folder, d["file"]))
+    return HFTokenizer(tok, bos_id=d["bos_id"], eos_ids=d["eos_ids"], add_bos=d["add_bos"],
+                       chat_template=d["chat_template"], special_tokens=d["special_tokens"],
+                       bos_token=d["bos_token"], eos_token=d["eos_token"])
+  if kind == "sentencepiece":
+    return SentencePieceTokenizer(os.path.join(folder, d["file"]), add_bos=d["add_bos"],
+                                  eos_ids=d["eos_ids"])
+  if kind == "bytes":
+    return ByteTokenizer(vocab=d["vocab"], bos_id=d["bos_id"], eos_ids=tuple(d["eos_ids"]),
+                         add_bos=d["add_bos"], chat_template=d["chat_template"],
+                         special_tokens=d["special_tokens"])
+  raise ValueError(f"unknown tokenizer type {kind!r} (known: hf, sentencepiece, bytes)")
+
 
 class SentencePieceTokenizer(Tokenizer):
   """A SentencePiece model file (llama2.c `tok512.model`, Llama 2 `tokenizer.model`)."""
@@ -111,6 +138,19 @@ class SentencePieceTokenizer(Tokenizer):
 
   def _encode(self, text: str) -> list[int]:
     return list(self._sp.EncodeAsIds(text)) if text else []
+
+  def save(self, folder: str) -> dict[str, Any]:
+    import os
+
+    if os.path.exists(self.model_file):
+      with open(self.model_file, "rb") as f:
+        blob = f.read()
+    else:
+      blob = self._sp.serialized_model_proto()
+    with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
+      f.write(blob)
+    return {"type": "sentencepiece", "file": "tokenizer.model", "add_bos": self.add_bos,
+            "eos_ids": list(self.eos_ids)}
 
   def decode(self, ids: Sequence[int]) -> str:
     ids = [int(i) for i in ids]
@@ -152,6 +192,24 @@ class HFTokenizer(Tokenizer):
   def _template_vars(self) -> dict[str, Any]:
     return {"bos_token": self._bos_token or "", "eos_token": self._eos_token or ""}
 
+  @property
+  def bos_token(self) -> str | None:
+    return self._bos_token
+
+  @property
+  def eos_token(self) -> str | None:
+    return self._eos_token
+
+  def save(self, folder: str) -> dict[str, Any]:
+    import os
+
+    with open(os.path.join(folder, "tokenizer.json"), "w", encoding="utf-8") as f:
+      f.write(self._tok.to_str())
+    return {"type": "hf", "file": "tokenizer.json", "bos_id": self.bos_id,
+            "eos_ids": list(self.eos_ids), "add_bos": self.add_bos,
+            "chat_template": self.chat_template, "special_tokens": self.special_tokens,
+            "bos_token": self._bos_token, "eos_token": self._eos_token}
+
   @classmethod
   def from_bpe(cls, vocab: dict[str, int], merges: list[tuple[str, str]], *, split_digits: bool,
                **kw) -> "HFTokenizer":
@@ -187,6 +245,11 @@ class ByteTokenizer(Tokenizer):
 
   def _encode(self, text: str) -> list[int]:
     return [b + 3 for b in text.encode("utf-8")]
+
+  def save(self, folder: str) -> dict[str, Any]:
+    return {"type": "bytes", "vocab": self.vocab, "bos_id": self.bos_id,
+            "eos_ids": list(self.eos_ids), "add_bos": self.add_bos,
+            "chat_template": self.chat_template, "special_tokens": self.special_tokens}
 
   def decode(self, ids: Sequence[int]) -> str:
     return bytes(int(i) - 3 for i in ids if 3 <= int(i) < 259).decode("utf-8", errors="replace")
