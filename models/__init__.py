@@ -1,4 +1,4 @@
-"""Pure functional Llama-family decoders (installed as `jaxspec.models`)."""
+"""Pure functional Llama / Gemma-family decoders (installed as `jaxspec.models`)."""
 
 from .cache import KVCache
 from .config import ModelConfig, RopeScaling

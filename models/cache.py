@@ -3,6 +3,13 @@
 Rows of a batch advance independently (speculative rounds accept different counts), so the
 cache keeps `lengths: int32[B]`. Rejected draft tokens are rolled back by rewinding `lengths`;
 their stale entries stay in memory but are masked out and overwritten by the next write.
+
+Sliding-window layers (Mistral, Gemma 2 / 3 local layers) use the same buffer: `forward` masks
+slots outside each query's window and, on chunked buffers, reads only each row's window chunks,
+so a decode step on a local layer costs the window, not the context. Memory is NOT reduced: every
+layer keeps `size` slots. A ring buffer of window + speculative footprint slots would need the
+engine's padded prefill to tell the cache each row's true prompt length (padding written past it
+would otherwise wrap onto live window entries before `rewind` runs).
 """
 
 from __future__ import annotations
