@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxspec import fingerprint, session
+
 KS = (1, 2, 3, 4, 6, 8)
 VERIFY_TS = (1, 2, 3, 4, 5, 7, 9)  # tokens per row measured for verify(T) (k + 1 for KS)
 MARGIN = 0.05
@@ -118,8 +120,8 @@ def alpha_from_histogram(hist, depth: int) -> float:
 
 # --------------------------------------------------------------------------------- measuring
 
-_FORWARD_S: dict = {}  # (config, dtype, batch, T, buf, layers, params id) -> seconds
-_CALIBRATION: dict = {}  # (model id, drafter key, batch bucket, prompt bucket, mode) -> dict
+_FORWARD_S: dict = {}  # (config, params fingerprint, batch, T, buf, layers, ...) -> seconds
+_CALIBRATION: dict = {}  # (model and drafter fingerprints, buckets, sampling) -> dict
 _LOOP = {}
 
 
@@ -171,8 +173,8 @@ def forward_seconds_many(params, cfg, batch: int, ts: Sequence[int], buf: int, *
 
   dtype = params["embed"].dtype
   fill = buf // 2 if fill is None else fill
-  keys = {t: (cfg, str(dtype), batch, t, buf, n_layers, fill, id(params["embed"]), attn_chunk)
-          for t in ts}
+  fp = fingerprint.of_params(params)
+  keys = {t: (cfg, fp, batch, t, buf, n_layers, fill, attn_chunk) for t in ts}
   todo = [t for t in dict.fromkeys(ts) if keys[t] not in _FORWARD_S]
   fn = _loop_fn(cfg, n_layers, attn_chunk)
 
@@ -199,23 +201,10 @@ def forward_seconds_many(params, cfg, batch: int, ts: Sequence[int], buf: int, *
   return {t: _FORWARD_S[keys[t]] for t in ts}
 
 
-def _draft_forward(model, drafter):
-  """(params, config, n_layers) of one draft forward, or None for model-free drafters."""
-  from jaxspec import drafters
-
-  if isinstance(drafter, drafters.DraftModel):
-    return drafter.draft_model.params, drafter.draft_model.config, None
-  if isinstance(drafter, drafters.EarlyExit):
-    return model.params, model.config, drafter.layers
-  return None
-
-
 def measure_costs(model, drafter, batch: int, buf: int, *, verify_ts: Sequence[int] = VERIFY_TS,
                   fill: int | None = None) -> Costs:
   """verify(T) and draft_step at a batch bucket from compiled forward loops (no engine)."""
-  from jaxspec.api import _batch_bucket
-
-  bb = _batch_bucket(batch)
+  bb = session.batch_bucket(batch)
   secs = forward_seconds_many(model.params, model.config, bb, sorted({1, *verify_ts}), buf,
                               fill=fill)
   dec = secs[1]
@@ -223,7 +212,7 @@ def measure_costs(model, drafter, batch: int, buf: int, *, verify_ts: Sequence[i
   for t in sorted(secs):
     if t > 1:  # a longer pass never costs less: keep the curve monotone against timing noise
       verify[t] = max(max(verify.values()), secs[t] / dec)
-  d = _draft_forward(model, drafter) if drafter is not None else None
+  d = drafter.draft_forward(model) if drafter is not None else None
   draft_step = 0.0
   if d is not None:
     params, cfg, layers = d
@@ -231,34 +220,12 @@ def measure_costs(model, drafter, batch: int, buf: int, *, verify_ts: Sequence[i
   return Costs(verify=verify, draft_step=draft_step, decode_s=dec)
 
 
-def _drafter_key(drafter) -> tuple:
-  from jaxspec.models import Model
-
-  if not dataclasses.is_dataclass(drafter):
-    return (type(drafter).__name__, id(drafter))
-  items = []
-  for f in dataclasses.fields(drafter):
-    if f.name == "k":
-      continue
-    v = getattr(drafter, f.name)
-    items.append((f.name, id(v) if isinstance(v, Model) or not _hashable(v) else v))
-  return (type(drafter).__name__, tuple(items))
-
-
-def _hashable(v) -> bool:
-  try:
-    hash(v)
-    return True
-  except TypeError:
-    return False
-
-
 def _with_k(drafter, k: int):
   if k == 0:
     return None
   if getattr(drafter, "k", None) == k:
     return drafter
-  return dataclasses.replace(drafter, k=k)
+  return drafter.with_k(k)
 
 
 def calibrate(model, drafter, prompts, *, max_new_tokens: int = CALIBRATION_TOKENS,
@@ -266,19 +233,15 @@ def calibrate(model, drafter, prompts, *, max_new_tokens: int = CALIBRATION_TOKE
   """Short runs of the real engine loop (plain, then the drafter as given) on `prompts`:
   seconds per round of each (the prefill is not timed), the drafter's per-token acceptance
   and tau. Programs are compiled first; the fastest of `repeats` runs is kept."""
-  from jaxspec import api
-
   def timed(d):
-    gen = dict(temperature=0.0, top_k=None, top_p=None, seed=0, stop_tokens=None, mesh=None)
-    gen.update(kw)
-    pr = api._prepare(model, prompts, drafter=d, max_new_tokens=max_new_tokens, **gen)
+    pr = session.prepare(model, prompts, drafter=d, max_new_tokens=max_new_tokens, **kw)
     best = None
     for i in range(repeats + 1):  # run 0 compiles and warms up
-      state, _ = api._start(model, pr)
+      state, _ = session.start(model, pr)
       jax.block_until_ready(state.seq)
       t0 = time.perf_counter()
-      state, c = api._rounds(model, pr, state, 1 << 30)
-      rounds, hist, calls, n, lens = api._fetch((state.stats.rounds, state.stats.accept_hist,
+      state, c = session.run_rounds(model, pr, state, 1 << 30)
+      rounds, hist, calls, n, lens = session.fetch((state.stats.rounds, state.stats.accept_hist,
                                                  state.stats.target_calls, state.n,
                                                  state.prompt_lens))
       dt = time.perf_counter() - t0 - c
@@ -309,8 +272,6 @@ def choose_k(model=None, drafter=None, batch: int | None = None, *, prompts=None
   acceptance on `prompts`). With `costs` and `alpha` given, nothing runs: the choice is
   `best_k(costs, alpha, ks, margin)` (tests and what-if analysis).
   """
-  from jaxspec import api
-
   if costs is not None and alpha is not None:
     choice = best_k(costs, alpha, ks, margin)
     choice.drafter = _with_k(drafter, choice.k) if drafter is not None else None
@@ -319,25 +280,25 @@ def choose_k(model=None, drafter=None, batch: int | None = None, *, prompts=None
     raise ValueError("choose_k needs model, drafter and prompts unless costs and alpha are "
                      "given")
   t0 = time.perf_counter()
-  ids = api._encode_prompts(model, prompts)
+  ids = session.encode_prompts(model, prompts)
   batch = len(ids) if batch is None else batch
   gen_kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                 stop_tokens=stop_tokens, mesh=mesh)
   calib_new = max(1, min(max_new_tokens, CALIBRATION_TOKENS))
-  key = (id(model.params["embed"]), _drafter_key(drafter), getattr(drafter, "k", None),
-         api._batch_bucket(batch), api._bucket(max(len(x) for x in ids)), temperature, top_k,
-         top_p)
+  key = (fingerprint.of_model(model), fingerprint.of_drafter(drafter),
+         session.batch_bucket(batch), session.bucket(max(len(x) for x in ids)), temperature,
+         top_k, top_p)
   if key not in _CALIBRATION:
     _CALIBRATION[key] = calibrate(model, drafter, ids, max_new_tokens=calib_new, **gen_kw)
   cal = _CALIBRATION[key]
   tree = getattr(drafter, "tree", None) is not None
   if costs is None:
     longest = max(len(x) for x in ids)
-    buf = -(-(api._bucket(longest) + max_new_tokens + 2 * max(ks) + 2) // api.BUF_ALIGN) * \
-        api.BUF_ALIGN
+    buf = -(-(session.bucket(longest) + max_new_tokens + 2 * max(ks) + 2) //
+            session.BUF_ALIGN) * session.BUF_ALIGN
     costs = measure_costs(model, None if tree else drafter, batch, buf,
                           verify_ts=sorted({k + 1 for k in (*ks, cal["k"])}),
-                          fill=api._bucket(longest) + max_new_tokens // 2)
+                          fill=session.bucket(longest) + max_new_tokens // 2)
     dec = costs.decode_s
     k0 = cal["k"]
     overhead = 0.0 if tree else max(0.0, cal["round_s"] / dec - costs.verify_cost(k0 + 1)

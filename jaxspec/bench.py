@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import shlex
 import sys
 import time
 
 from jaxspec import prompts as prompts_lib
+from jaxspec import report
 
 DEFAULT_OUT = "docs/benchmarks.md"
 
@@ -42,18 +41,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_prompts(path: str | None, limit: int, categories: str | None) -> list[dict]:
-  """The first `limit` prompts of each Spec-Bench task (MT-bench grouped as one task)."""
-  want = None if not categories else set(categories.split(","))
-  qs = prompts_lib.by_task(prompts_lib.spec_bench(path), limit=limit, tasks=want)
-  return [{"category": q["task"], "text": q["text"]} for q in qs]
+  return prompts_lib.for_bench(path, limit, categories)
 
 
-def default_drafters(n_layers: int) -> list[str]:
-  out = ["ngram", "recycling"]
-  for l in sorted({max(1, (3 * n_layers) // 4), n_layers - 1}):
-    if 1 <= l < n_layers:
-      out.append(f"early-exit:{l}")
-  return out
+def default_drafters(config) -> list[str]:
+  """What each registered drafter family contributes when `--drafters` is not given."""
+  from jaxspec.drafters import registry
+
+  return registry.bench_defaults(config)
 
 
 def run(model, prompts: list[dict], methods: list[tuple[str, object]], *, max_new_tokens: int,
@@ -119,13 +114,9 @@ def same_outputs(results: dict) -> bool:
 
 def markdown(model_name: str, command: str, cats: list[str], table: dict, results: dict,
              settings: str) -> str:
-  import jax
-
-  dev = jax.devices()[0]
   lines = [f"## {model_name}", "",
            f"Command: `{command}`", "",
-           f"Machine: {dev.platform} ({getattr(dev, 'device_kind', '')}), "
-           f"{os.cpu_count()} host cores, {platform.machine()}; {settings}.", "",
+           f"Machine: {report.machine()}; {settings}.", "",
            "Greedy outputs identical to plain decoding for every method: "
            f"**{'yes' if same_outputs(results) else 'NO'}**.", "",
            "| method | compile s | " + " | ".join(cats) + " |",
@@ -137,22 +128,6 @@ def markdown(model_name: str, command: str, cats: list[str], table: dict, result
             "Plain decoding tokens/s: " + ", ".join(
                 f"{c} {table['plain'][c]['tps']:.1f}" for c in cats) + ".", ""]
   return "\n".join(lines)
-
-
-def update_report(path: str, model_name: str, section: str) -> None:
-  """Replaces this model's section in the report (or appends it), keeping the others."""
-  begin, end = f"<!-- bench:{model_name} -->", f"<!-- /bench:{model_name} -->"
-  block = f"{begin}\n{section}\n{end}"
-  text = open(path).read() if os.path.exists(path) else (
-      "# Benchmarks\n\nMade by `jaxspec bench`; every section names the command that made it.\n")
-  if begin in text and end in text:
-    pre, rest = text.split(begin, 1)
-    text = pre + block + rest.split(end, 1)[1]
-  else:
-    text = text.rstrip("\n") + "\n\n" + block + "\n"
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    f.write(text)
 
 
 def plot(path: str, model_name: str, cats: list[str], table: dict) -> bool:
@@ -181,7 +156,6 @@ def plot(path: str, model_name: str, cats: list[str], table: dict) -> bool:
 
 def main(a) -> int:
   import jaxspec
-  from jaxspec.cli import parse_drafter
 
   if getattr(a, "roofline", False) or getattr(a, "batch_sizes", None):
     from jaxspec import perf
@@ -192,21 +166,17 @@ def main(a) -> int:
   prompts = load_prompts(a.prompts, a.limit, a.categories)
   if not prompts:
     raise ValueError("no prompts selected")
-  names = a.drafters.split(",") if a.drafters else default_drafters(model.config.n_layers)
-  methods = [("plain", None)]
-  for n in names:
-    if n != "recycling":  # recycling always drafts a tree
-      methods.append((f"{n} k={a.k}", parse_drafter(n, a.k)))
-    if a.tree or n == "recycling":
-      d = parse_drafter(n, a.k, a.tree)
-      methods.append((f"{n} tree={d.tree.n_nodes}", d))
+  names = a.drafters.split(",") if a.drafters else default_drafters(model.config)
+  from jaxspec.drafters import registry
+
+  methods = [("plain", None)] + registry.methods(names, a.k, a.tree)
   if getattr(a, "compare_transformers", False):
     from jaxspec import peers
     methods += peers.jaxspec_methods(model, a)
   t0 = time.perf_counter()
   results = run(model, prompts, methods, max_new_tokens=a.max_new_tokens, chat=a.chat)
   cats, table = summarize(results)
-  command = "jaxspec " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+  command = report.command()
   settings = (f"{len(prompts)} prompts ({a.limit} per category), greedy, batch 1, "
               f"max_new_tokens={a.max_new_tokens}, k={a.k}, tree={a.tree}, "
               f"{time.perf_counter() - t0:.0f} s total")
@@ -220,7 +190,7 @@ def main(a) -> int:
                                  f"bench_{model.name.replace('.', '_')}.png")
     if plot(png, model.name, cats, table):
       md += f"\n![{model.name}]({os.path.relpath(png, os.path.dirname(os.path.abspath(a.out)))})\n"
-    update_report(a.out, model.name, md)
+    report.update(a.out, model.name, md)
   if not same_outputs(results):
     print("jaxspec bench: speculative output differs from plain decoding", file=sys.stderr)
     return 1

@@ -47,70 +47,12 @@ A run resumes from its latest checkpoint in --out (--no-resume starts over).
 """
 
 
-def _int_arg(what: str, arg: str, example: str) -> int:
-  try:
-    return int(arg)
-  except ValueError:
-    raise ValueError(f"--drafter {what} needs an integer, got {arg!r} (e.g. {example})") from None
-
-
-# Typical acceptance rates of a drafter's rank-r candidate (rank 0 = its top guess), used to
-# shape static trees from a node budget (best-first, see trees.Static.from_acceptance).
-RANK_ACCEPTANCE = (0.6, 0.15, 0.08, 0.05)
-
-
-def static_tree(tree, k: int, acceptance: bool = False):
-  """An int node budget -> a Static template (model-free drafters need a fixed topology)."""
-  from jaxspec import trees
-
-  if tree is None or not isinstance(tree, int):
-    return tree
-  if acceptance:
-    return trees.Static.from_acceptance(RANK_ACCEPTANCE, nodes=tree)
-  return trees.Static.chains(max(1, (tree - 1) // k), k)  # one chain per n-gram match
-
-
-def dynamic_tree(tree, k: int):
-  """An int node budget -> an EAGLE-2 dynamic tree as deep as the draft length k (beam of 4)."""
-  from jaxspec import trees
-
-  if tree is None or not isinstance(tree, int):
-    return tree
-  try:
-    return trees.Dynamic(nodes=tree, topk=4, depth=k)
-  except ValueError as e:
-    raise ValueError(f"--tree {tree} with --k {k}: {e}") from None
-
-
 def parse_drafter(spec: str | None, k: int, tree=None):
-  """'ngram[:N]' | 'early-exit:L' | 'draft:SRC' -> a drafter object (None for 'none')."""
-  from jaxspec import drafters, load_model
+  """'ngram[:N]' | 'early-exit:L' | 'draft:SRC' | ... -> a drafter (None for 'none'), from the
+  drafter registry (`jaxspec.drafters.registry`)."""
+  from jaxspec.drafters import registry
 
-  if spec is None or spec == "none":
-    return None
-  name, _, arg = spec.partition(":")
-  if name == "ngram":
-    return drafters.NGram(n=_int_arg("ngram:N", arg, "ngram:3") if arg else 3, k=k,
-                          tree=static_tree(tree, k))
-  if name == "recycling":
-    return drafters.Recycling(tree=static_tree(tree, k, acceptance=True))
-  if name in ("early-exit", "early_exit", "earlyexit"):
-    if not arg:
-      raise ValueError("--drafter early-exit needs a layer count, e.g. early-exit:4")
-    return drafters.EarlyExit(layers=_int_arg("early-exit:L", arg, "early-exit:4"), k=k,
-                              tree=dynamic_tree(tree, k))
-  if name == "draft":
-    if not arg:
-      raise ValueError("--drafter draft needs a model, e.g. draft:stories260K")
-    return drafters.DraftModel(load_model(arg), k=k, tree=dynamic_tree(tree, k))
-  if name in ("medusa", "eagle"):
-    if not arg:
-      raise ValueError(f"--drafter {name} needs a checkpoint, e.g. {name}:runs/{name} (made by "
-                       f"jaxspec train-drafter --kind {name})")
-    cls = drafters.Medusa if name == "medusa" else drafters.Eagle
-    return cls(arg, k=k, tree=dynamic_tree(tree, k))
-  raise ValueError(f"unknown drafter {spec!r} (none, ngram[:N], early-exit:L, draft:SRC, "
-                   f"recycling, medusa:CKPT, eagle:CKPT)")
+  return registry.parse(spec, k, tree)
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:

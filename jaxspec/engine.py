@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 import time
 from typing import Any
 
@@ -23,8 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxspec import sampling, trees, verify
-from jaxspec.drafters.base import DrafterSpec, Round
+from jaxspec import sampling, verify
+from jaxspec.drafters.base import Accepted, DrafterSpec, Prefill, Round
 from jaxspec.models import KVCache, ModelConfig, forward, head
 from jaxspec.sampling import SamplingParams
 
@@ -98,7 +99,9 @@ def _prefill(spec: EngineSpec, tparams, dparams, prompt, prompt_lens, live, inp:
   seq = jnp.zeros((b, spec.buf_len), jnp.int32).at[:, :p].set(prompt)
   seq = seq.at[jnp.arange(b), prompt_lens].set(first)
   done = ~live | _is_stop(first[:, None], inp.stop)[:, 0] | (inp.max_new <= 1)
-  dstate = spec.drafter.init(dparams, tparams, prompt, prompt_lens, spec.buf_len, out.hidden)
+  dstate = spec.drafter.init(dparams, Prefill(tparams=tparams, prompt=prompt,
+                                              prompt_lens=prompt_lens, hidden=out.hidden,
+                                              cache_size=spec.buf_len))
   stats = Stats(target_calls=live.astype(jnp.int32),
                 accept_hist=jnp.zeros((b, spec.depth + 1), jnp.int32),
                 rounds=jnp.zeros((), jnp.int32),
@@ -108,75 +111,43 @@ def _prefill(spec: EngineSpec, tparams, dparams, prompt, prompt_lens, live, inp:
                cache=out.cache.rewind(prompt_lens), dstate=dstate, key=key, stats=stats)
 
 
-def _draft_and_verify(spec: EngineSpec, tparams, dparams, s: State, r: Round, k_verify):
-  """Chain: k drafts verified at positions n-1 .. n-1+k. Tree: N nodes verified at positions
-  n-1+depth with the ancestor mask, then the accepted path moved to contiguous slots.
-
-  Returns (dstate, cache, n_acc [B], emit [B, depth+1], hidden along the accepted path,
-  path [B, depth+1] or None for chains, nonfinite [B], drafts verified [B])."""
-  d = spec.drafter
-  if d.tree is None:
-    dstate, tcache, drafts, dprobs = d.propose(dparams, s.dstate, r)
-    pending = jnp.take_along_axis(s.seq, (s.n - 1)[:, None], axis=1)  # [B, 1]
-    out = forward(tparams, spec.target, jnp.concatenate([pending, drafts], axis=1), tcache)
-    n_acc, emit = verify.chain(k_verify, drafts, dprobs, out.logits, d.mode, r.sp)
-    if getattr(d, "observes_logits", False):
-      dstate = d.observe(dparams, dstate, jnp.concatenate([pending, drafts], axis=1), out.logits)
-    return (dstate, out.cache, n_acc, emit, out.hidden, None, _nonfinite(out.logits),
-            jnp.sum(drafts >= 0, axis=1))
-  dstate, tcache, tree = d.propose_tree(dparams, s.dstate, r)
-  depth = d.tree.max_depth
-  anc = trees.ancestor_mask(tree.parents, depth)
-  out = forward(tparams, spec.target, tree.tokens, tcache,
-                positions=(s.n - 1)[:, None] + tree.depth, tree_mask=anc)
-  children = (jnp.asarray(d.tree.children()) if isinstance(d.tree, trees.Static) else None)
-  n_acc, emit, path = verify.tree(k_verify, tree, out.logits, depth, d.tree.max_children, d.mode,
-                                  r.sp, children)
-  if getattr(d, "observes_logits", False):
-    dstate = d.observe(dparams, dstate, tree.tokens, out.logits)
-  cache = out.cache.gather_slots(s.n - 1, path)
-  hidden = jnp.take_along_axis(out.hidden, path[:, :, None], axis=1)  # [B, D+1, Dm]
-  return (dstate, cache, n_acc, emit, hidden, path, _nonfinite(out.logits),
-          jnp.sum(tree.valid[:, 1:], axis=1))
-
-
-def _nonfinite(logits: jax.Array) -> jax.Array:
-  """[B] rows whose verify logits hold a NaN or inf."""
-  return ~jnp.isfinite(logits).all(axis=(1, 2))
-
-
 def _round(spec: EngineSpec, tparams, dparams, inp: Inputs, s: State) -> State:
+  """Propose, verify in one target forward, commit the accepted prefix, rewind the rest."""
   b = s.seq.shape[0]
+  d = spec.drafter
   key, k_draft, k_verify = jax.random.split(s.key, 3)
   r = Round(tparams=tparams, tcache=s.cache, seq=s.seq, n=s.n, key=k_draft, sp=inp.sp)
-  dstate, cache, n_acc, emit, hidden, path, bad, drafted = _draft_and_verify(
-      spec, tparams, dparams, s, r, k_verify)
+  dstate, prop = d.propose(dparams, s.dstate, r)
+  tokens, positions, tree_mask = prop.target_inputs(s.seq, s.n)  # [B, T]
+  out = forward(tparams, spec.target, tokens, s.cache if prop.tcache is None else prop.tcache,
+                positions=positions, tree_mask=tree_mask)
+  v = verify.proposal(k_verify, prop, out.logits, d.mode, r.sp)
 
   # Commit up to n_acc + 1 tokens, cut at max_new_tokens and at the first stop token.
   live = ~s.done
-  count = jnp.minimum(n_acc + 1, inp.max_new - (s.n - s.prompt_lens))
-  j = jnp.arange(emit.shape[1])[None, :]
-  stop_hit = _is_stop(emit, inp.stop) & (j < count[:, None])
+  count = jnp.minimum(v.n_acc + 1, inp.max_new - (s.n - s.prompt_lens))
+  j = jnp.arange(v.tokens.shape[1])[None, :]
+  stop_hit = _is_stop(v.tokens, inp.stop) & (j < count[:, None])
   has_stop = jnp.any(stop_hit, axis=1)
   count = jnp.where(has_stop, jnp.argmax(stop_hit, axis=1) + 1, count)
   count = jnp.where(live, count, 0)
   idx = s.n[:, None] + j  # [B, depth+1] buffer positions of the emitted tokens
   old = jnp.take_along_axis(s.seq, jnp.clip(idx, 0, spec.buf_len - 1), axis=1)
   rows = jnp.arange(b)[:, None]
-  seq = s.seq.at[rows, idx].set(jnp.where(j < count[:, None], emit, old), mode="drop")
+  seq = s.seq.at[rows, idx].set(jnp.where(j < count[:, None], v.tokens, old), mode="drop")
   n = s.n + count
   done = s.done | has_stop | (n - s.prompt_lens >= inp.max_new)
-  cache = cache.rewind(n - 1)
-  if path is None:
-    dstate = spec.drafter.commit(dparams, dstate, r, n, n_acc, hidden)
-  else:
-    dstate = spec.drafter.commit_tree(dparams, dstate, r, n, n_acc, hidden, path)
+  cache = prop.keep_path(out.cache, s.n - 1, v.path).rewind(n - 1)
+  dstate = d.commit(dparams, dstate, r, Accepted(
+      n_new=n, n_acc=v.n_acc, path=v.path, hidden=prop.along_path(out.hidden, v.path),
+      tokens=tokens, logits=out.logits))
 
-  hist = s.stats.accept_hist + (jax.nn.one_hot(n_acc, spec.depth + 1, dtype=jnp.int32) *
+  hist = s.stats.accept_hist + (jax.nn.one_hot(v.n_acc, spec.depth + 1, dtype=jnp.int32) *
                                 live[:, None].astype(jnp.int32))
+  bad = ~jnp.isfinite(out.logits).all(axis=(1, 2))  # [B] NaN / inf in this verify pass
   stats = Stats(target_calls=s.stats.target_calls + live.astype(jnp.int32), accept_hist=hist,
                 rounds=s.stats.rounds + 1, nonfinite=s.stats.nonfinite | (live & bad),
-                drafted=s.stats.drafted + jnp.where(live, drafted, 0).astype(jnp.int32))
+                drafted=s.stats.drafted + jnp.where(live, prop.drafted(), 0).astype(jnp.int32))
   return s.replace(seq=seq, n=n, done=done, cache=cache, dstate=dstate, key=key, stats=stats)
 
 
@@ -189,8 +160,26 @@ def _run(spec: EngineSpec, tparams, dparams, inp: Inputs, state: State, max_roun
   return jax.lax.while_loop(cond, functools.partial(_round, spec, tparams, dparams, inp), state)
 
 
-_COMPILED: dict = {}
-compile_count = 0  # executables built by this process (tests assert it does not grow)
+# Continuous batching (`jaxspec.batching`): the state's rows are slots; finished rows are
+# refilled by `insert` while the others keep their place, and `serve` runs the loop until
+# enough rows are free to refill.
+
+
+def scatter_rows(state, rows, slots: jax.Array):
+  """Writes the rows of `rows` (an engine pytree of batch I) into `state` (batch B) at `slots`
+  [I]; slots >= B are dropped (padding). Arrays have the batch as leading axis, KV caches as
+  axis 1 of k / v; scalars (the round counter) keep the state's value."""
+
+  def one(big, small):
+    if isinstance(big, KVCache):
+      return big.replace(k=big.k.at[:, slots].set(small.k, mode="drop"),
+                         v=big.v.at[:, slots].set(small.v, mode="drop"),
+                         lengths=big.lengths.at[slots].set(small.lengths, mode="drop"))
+    if getattr(big, "ndim", 0) == 0:
+      return big
+    return big.at[slots].set(small, mode="drop")
+  return jax.tree.map(one, state, rows, is_leaf=lambda x: isinstance(x, KVCache))
+
 
 _FNS = {"prefill": (_prefill, ()), "run": (_run, (4,))}  # function, donated argnums
 
@@ -228,17 +217,57 @@ def arg_shardings(name: str, spec: EngineSpec, args, mesh):
   return params_sh + tuple(rest), state_shardings(out, mesh)
 
 
-def compiled(name: str, spec: EngineSpec, *args, mesh=None):
-  """Returns (executable, compile seconds; 0.0 when it came from the cache).
+class Programs:
+  """Compiled executables, keyed by program name, `EngineSpec`, mesh and the arguments'
+  structure, shapes, dtypes and placements.
 
-  With a mesh, the program gets explicit in/out shardings (params by their logical axes,
+  Thread-safe: when several threads need the same program, one compiles it and the others
+  wait for it (never two compilations of one key). `count` is the number of executables this
+  cache has built (tests assert it does not grow when nothing should recompile).
+  """
+
+  def __init__(self):
+    self._exes: dict = {}
+    self._building: dict = {}  # key -> threading.Event, set when the build ends
+    self._lock = threading.Lock()
+    self.count = 0
+
+  def get(self, name: str, spec: EngineSpec, *args, mesh=None):
+    """Returns (executable, compile seconds; 0.0 when it came from the cache)."""
+    key = (name, spec, mesh, jax.tree.structure(args), _signature(args))
+    while True:
+      with self._lock:
+        if key in self._exes:
+          return self._exes[key], 0.0
+        event = self._building.get(key)
+        if event is None:
+          event = self._building[key] = threading.Event()
+          break
+      event.wait()  # another thread is compiling it; then look again (it may have failed)
+    try:
+      t0 = time.perf_counter()
+      exe = _compile(name, spec, args, mesh)
+      with self._lock:
+        self._exes[key] = exe
+        self.count += 1
+      return exe, time.perf_counter() - t0
+    finally:
+      with self._lock:
+        del self._building[key]
+      event.set()
+
+  def clear(self) -> None:
+    with self._lock:
+      self._exes.clear()
+
+  def __len__(self) -> int:
+    return len(self._exes)
+
+
+def _compile(name: str, spec: EngineSpec, args, mesh):
+  """With a mesh, the program gets explicit in/out shardings (params by their logical axes,
   rows of the batch and of every cache over "data", heads and MLP over "tensor")."""
-  global compile_count
-  key = (name, spec, mesh, jax.tree.structure(args), _signature(args))
-  if key in _COMPILED:
-    return _COMPILED[key], 0.0
   fn, donate = _FNS[name]
-  t0 = time.perf_counter()
   if mesh is None:
     jitted = jax.jit(fn, static_argnums=0, donate_argnums=donate)
   else:
@@ -246,17 +275,25 @@ def compiled(name: str, spec: EngineSpec, *args, mesh=None):
     jitted = jax.jit(fn, static_argnums=0, donate_argnums=donate, in_shardings=in_sh,
                      out_shardings=out_sh)
   exe = jitted.lower(spec, *args).compile()
-  if mesh is not None:
-    from jaxspec.sharding import place
-    compiled_exe = exe
+  if mesh is None:
+    return exe
+  from jaxspec.sharding import place
 
-    def exe(*a):
-      return compiled_exe(*place(a, in_sh))  # a no-op for arrays already in place
-    exe.compiled = compiled_exe
-  _COMPILED[key] = exe
-  compile_count += 1
-  return exe, time.perf_counter() - t0
+  def placed(*a):
+    return exe(*place(a, in_sh))  # a no-op for arrays already in place
+  placed.compiled = exe
+  return placed
 
 
-def clear_cache() -> None:
-  _COMPILED.clear()
+PROGRAMS = Programs()  # the process-wide cache every entry point shares
+
+
+def compiled(name: str, spec: EngineSpec, *args, mesh=None, programs: Programs | None = None):
+  """`programs.get(...)` on the process-wide cache unless another is given."""
+  return (programs or PROGRAMS).get(name, spec, *args, mesh=mesh)
+
+
+def __getattr__(name: str):
+  if name == "compile_count":  # executables built by this process's shared cache
+    return PROGRAMS.count
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,12 +18,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
-import platform
-import shlex
 import sys
 import time
 
+from jaxspec import report
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -91,30 +89,6 @@ def _ints(s: str, what: str) -> list[int]:
   return out
 
 
-def _machine() -> str:
-  import jax
-
-  dev = jax.devices()[0]
-  return (f"{dev.platform} ({getattr(dev, 'device_kind', '')}), {jax.device_count()} device(s), "
-          f"{os.cpu_count()} host cores, {platform.machine()}, jax {jax.__version__}")
-
-
-def _command() -> str:
-  return "jaxspec " + " ".join(shlex.quote(x) for x in sys.argv[1:])
-
-
-def _write(a, key: str, md: str) -> None:
-  """Prints the section and replaces its block (one per model and device kind) in --out."""
-  import jax
-
-  from jaxspec import bench
-
-  print(md)
-  if a.out != "-":
-    dev = jax.devices()[0]
-    bench.update_report(a.out, f"{key}:{getattr(dev, 'device_kind', dev.platform)}", md)
-
-
 # ------------------------------------------------------------------------------ batch scaling
 
 
@@ -180,8 +154,8 @@ def batch_scaling(model, ids: list[list[int]], batch_sizes: list[int],
 
 def batch_markdown(model_name: str, table: dict, batch_sizes: list[int], settings: str) -> str:
   same = all(c["same"] for per in table.values() for c in per.values())
-  lines = [f"## Batch scaling: {model_name}", "", f"Command: `{_command()}`", "",
-           f"Machine: {_machine()}; {settings}.", "",
+  lines = [f"## Batch scaling: {model_name}", "", f"Command: `{report.command()}`", "",
+           f"Machine: {report.machine()}; {settings}.", "",
            f"Greedy outputs identical to plain decoding in every cell: "
            f"**{'yes' if same else 'NO'}**.", "",
            "| method | " + " | ".join(f"batch {b}" for b in batch_sizes) + " |",
@@ -208,8 +182,8 @@ def batch_markdown(model_name: str, table: dict, batch_sizes: list[int], setting
 
 def batch_main(a) -> int:
   import jaxspec
-  from jaxspec import bench, peers
-  from jaxspec.cli import parse_drafter
+  from jaxspec import peers, prompts as prompts_lib
+  from jaxspec.drafters import registry
 
   sizes = _ints(a.batch_sizes, "--batch-sizes")
   oracle_ks = _ints(a.oracle_k, "--oracle-k") if a.oracle_k else []
@@ -217,15 +191,14 @@ def batch_main(a) -> int:
   if model.tokenizer is None:
     raise ValueError(f"{a.model}: bench needs a model with a tokenizer")
   per_cat = max(a.limit, math.ceil(max(sizes) / 6))
-  prompts = bench.load_prompts(a.prompts, per_cat, a.categories)
+  prompts = prompts_lib.for_bench(a.prompts, per_cat, a.categories)
   if not prompts:
     raise ValueError("no prompts selected")
   room = max(oracle_ks, default=0) + a.max_new_tokens
   ids = peers.encode(model, prompts, room, a.chat)
-  names = a.drafters.split(",") if a.drafters else [
-      n for n in bench.default_drafters(model.config.n_layers) if n != "recycling"]
-  names = [n for n in names if n != "none"]  # --drafters none: plain and oracle rows only
-  specs = [(f"{n} k={a.k}", parse_drafter(n, a.k)) for n in names]
+  names = a.drafters.split(",") if a.drafters else registry.bench_defaults(model.config)
+  # Chains only (--drafters none: plain and oracle rows only).
+  specs = [(label, d) for label, d in registry.methods(names, a.k, None) if d.tree is None]
   t0 = time.perf_counter()
   table = batch_scaling(model, ids, sizes, specs, max_new_tokens=a.max_new_tokens,
                         oracle_ks=oracle_ks, adaptive=not a.no_adaptive,
@@ -235,7 +208,7 @@ def batch_main(a) -> int:
               f"fastest of {max(1, a.repeats)} timed runs per cell (prefill included), "
               f"{time.perf_counter() - t0:.0f} s total")
   md = batch_markdown(model.name, table, sizes, settings)
-  _write(a, f"batch:{model.name}", md)
+  report.write(a.out, f"batch:{model.name}", md)
   ok = all(c["same"] for per in table.values() for c in per.values())
   if not ok:
     print("jaxspec bench: speculative output differs from plain decoding", file=sys.stderr)
@@ -243,28 +216,6 @@ def batch_main(a) -> int:
 
 
 # ----------------------------------------------------------------------------------- roofline
-
-
-def device_params(config, dtype, seed: int = 0, scale: float = 0.02):
-  """Random parameters generated on the default device (no host copy: an 8B model's weights
-  are drawn where they live). Norms are ones, as in `jaxspec.models.init_params`."""
-  import jax
-  import jax.numpy as jnp
-
-  from jaxspec.models import param_shapes
-
-  shapes = param_shapes(config)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(shapes,
-                                                       is_leaf=lambda s: isinstance(s, tuple))
-
-  def make(key):  # one program for every leaf
-    keys = jax.random.split(key, len(flat))
-    return [jnp.ones(shape, dtype) if "norm" in jax.tree_util.keystr(path) else
-            (jax.random.normal(k, shape, jnp.float32) * scale).astype(dtype)
-            for (path, shape), k in zip(flat, keys)]
-
-  out = jax.jit(make)(jax.random.key(seed))
-  return jax.block_until_ready(jax.tree.unflatten(treedef, out))
 
 
 def copy_bandwidth(nbytes: int, repeats: int = 5) -> float:
@@ -292,15 +243,14 @@ def roofline(config, params, *, context: int, verify_tokens: list[int], copy_byt
              name: str = "model") -> dict:
   import jax.numpy as jnp
 
-  import jaxspec
-  from jaxspec import adaptive, api, drafters, engine
+  from jaxspec import adaptive, drafters, engine, session
   from jaxspec.models import Model
 
   out: dict = {"name": name, "config": config, "dtype": str(params["embed"].dtype)}
   t0 = time.perf_counter()
   out["bandwidth"] = copy_bandwidth(copy_bytes)
   out["bandwidth_probe_s"] = time.perf_counter() - t0
-  buf = -(-(context + max(verify_tokens) + 1) // api.BUF_ALIGN) * api.BUF_ALIGN
+  buf = -(-(context + max(verify_tokens) + 1) // session.BUF_ALIGN) * session.BUF_ALIGN
   fill = context
   secs = adaptive.forward_seconds_many(params, config, 1, [1, *verify_tokens], buf, fill=fill)
   dec = secs[1]
@@ -331,16 +281,14 @@ def roofline(config, params, *, context: int, verify_tokens: list[int], copy_byt
   model = Model(config, params, None, name=name)
   prompt = [list(range(1, 17))]
   comp = {}
-  saved = dict(engine._COMPILED)
-  try:
-    for label, d in [("plain", None),
-                     ("early-exit k=4", drafters.EarlyExit(layers=max(1, config.n_layers // 4),
-                                                           k=4))]:
-      engine._COMPILED.clear()  # compile afresh, even if this shape ran before
-      r = jaxspec.generate(model, prompt, drafter=d, max_new_tokens=8, stop_tokens=())
-      comp[label] = r.stats.compile_s
-  finally:
-    engine._COMPILED.update(saved)
+  for label, d in [("plain", None),
+                   ("early-exit k=4", drafters.EarlyExit(layers=max(1, config.n_layers // 4),
+                                                         k=4))]:
+    fresh = engine.Programs()  # compile afresh, even if this shape ran before
+    plan = session.prepare(model, prompt, drafter=d, max_new_tokens=8, stop_tokens=())
+    state, c1 = session.start(model, plan, programs=fresh)
+    _, c2 = session.run_rounds(model, plan, state, 1 << 30, programs=fresh)
+    comp[label] = c1 + c2
   out["compile_s"] = comp
   return out
 
@@ -348,8 +296,8 @@ def roofline(config, params, *, context: int, verify_tokens: list[int], copy_byt
 def roofline_markdown(r: dict, settings: str) -> str:
   c = r["config"]
   gb = 1e9
-  lines = [f"## Roofline: {r['name']}", "", f"Command: `{_command()}`", "",
-           f"Machine: {_machine()}; {settings}.", "",
+  lines = [f"## Roofline: {r['name']}", "", f"Command: `{report.command()}`", "",
+           f"Machine: {report.machine()}; {settings}.", "",
            f"Shape: {c.n_layers} layers, dim {c.dim}, heads {c.n_heads}/{c.n_kv_heads} x "
            f"{c.head_dim}, MLP {c.hidden_dim}, vocab {c.vocab_size}, {c.num_params / 1e6:.0f}M "
            f"params in {r['dtype']}; KV buffer {r['buf']} slots with {r['context']} live.", "",
@@ -385,6 +333,7 @@ def roofline_main(a) -> int:
   import jax.numpy as jnp
 
   import jaxspec
+  from jaxspec.models import init_params
   from jaxspec.models.load import resolve_dtype
 
   verify_tokens = _ints(a.verify_tokens, "--verify-tokens")
@@ -396,7 +345,7 @@ def roofline_main(a) -> int:
     config = dataclasses.replace(shapes[a.shape],
                                  max_seq_len=max(shapes[a.shape].max_seq_len,
                                                  a.context + max(verify_tokens) + 256))
-    params = device_params(config, dtype)
+    params = init_params(config, 0, dtype, on_device=True)
     name = f"{a.shape} (random {jnp.dtype(dtype).name})"
   else:
     model = jaxspec.load_model(a.model, dtype=a.dtype)
@@ -409,5 +358,5 @@ def roofline_main(a) -> int:
   settings = (f"context {a.context}, bandwidth probe {mib} MiB, "
               f"{time.perf_counter() - t0:.0f} s total")
   md = roofline_markdown(r, settings)
-  _write(a, f"roofline:{name}", md)
+  report.write(a.out, f"roofline:{name}", md)
   return 0

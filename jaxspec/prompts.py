@@ -59,3 +59,11 @@ def by_task(questions: list[dict], limit: int | None = None, skip: int = 0,
 def training_prompts() -> list[str]:
   """The built-in set minus the prompts the benchmark uses."""
   return [q["text"] for q in by_task(spec_bench(), skip=BENCH_RESERVED)]
+
+
+def for_bench(path: str | None, limit: int, categories: str | None) -> list[dict]:
+  """The first `limit` prompts of each Spec-Bench task (MT-bench grouped as one task), as
+  {"category", "text"} rows; `categories` a comma-separated subset."""
+  want = None if not categories else set(categories.split(","))
+  qs = by_task(spec_bench(path), limit=limit, tasks=want)
+  return [{"category": q["task"], "text": q["text"]} for q in qs]

@@ -12,11 +12,26 @@ meaning q is one-hot on the proposed token.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from . import sampling
 from .sampling import SamplingMode, SamplingParams
+
+if TYPE_CHECKING:
+  from jaxspec.drafters.base import Proposal
+
+
+@struct.dataclass
+class Verdict:
+  """What verification decided for one round."""
+
+  n_acc: jax.Array  # [B] drafts accepted
+  tokens: jax.Array  # [B, depth + 1] the accepted drafts, then the correction / bonus token
+  path: jax.Array  # [B, depth + 1] accepted node indices from the root (chains: 0 .. depth)
 
 
 def _count_leading(accept: jax.Array) -> jax.Array:
@@ -168,3 +183,17 @@ def tree(key, tree_arrays, target_logits, max_depth: int, max_children: int,
     return tree_greedy(tree_arrays, target_logits, max_depth)
   return tree_rejection(key, tree_arrays, target_logits, max_depth, max_children, mode, sp,
                         children)
+
+
+def proposal(key: jax.Array, prop: "Proposal", target_logits: jax.Array, mode: SamplingMode,
+             sp: SamplingParams) -> Verdict:
+  """Verifies one round's `Proposal` (a chain or a tree) against the target's logits at the
+  positions `Proposal.target_inputs` laid out."""
+  if prop.tree is None:
+    n_acc, emit = chain(key, prop.tokens, prop.probs, target_logits, mode, sp)
+    b, k = prop.tokens.shape
+    path = jnp.broadcast_to(jnp.arange(k + 1, dtype=jnp.int32), (b, k + 1))
+    return Verdict(n_acc=n_acc, tokens=emit, path=path)
+  n_acc, emit, path = tree(key, prop.tree, target_logits, prop.depth, prop.max_children, mode,
+                           sp, prop.children)
+  return Verdict(n_acc=n_acc, tokens=emit, path=path)

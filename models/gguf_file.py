@@ -124,7 +124,7 @@ def dequantize(r: GGUF, t: Tensor, path: str = "") -> np.ndarray:
     raise ValueError(f"{path}: tensor {t.name} has GGML type {kind}, not supported "
                      f"(supported: {', '.join(supported_types())})")
   qtype = gguf.GGMLQuantizationType(t.type_id)
-  rows = r.data(t)
+  rows = np.asarray(r.data(t))  # a plain view: numpy memmap slices are slow to create
   y = np.empty((rows.shape[0], t.ne[0]), np.float32)
   step = max(1, _ROW_BYTES // max(1, t.row_bytes))
   for i in range(0, rows.shape[0], step):
@@ -132,28 +132,27 @@ def dequantize(r: GGUF, t: Tensor, path: str = "") -> np.ndarray:
   return y.reshape(t.shape)
 
 
-def _plan(c: ModelConfig) -> dict[str, tuple[str, callable]]:
-  """jaxspec layer parameter -> (GGUF tensor suffix, [out, in] array -> jaxspec layout)."""
-  D, N, K, H = c.dim, c.n_heads, c.n_kv_heads, c.head_dim
-  plan = {"attn_norm": ("attn_norm.weight", None),
-          "wq": ("attn_q.weight", lambda w: w.T.reshape(D, N, H)),
-          "wk": ("attn_k.weight", lambda w: w.T.reshape(D, K, H)),
-          "wv": ("attn_v.weight", lambda w: w.T.reshape(D, K, H)),
-          "wo": ("attn_output.weight", lambda w: w.T.reshape(N, H, D)),
-          "mlp_norm": ("ffn_norm.weight", None),
-          "w_gate": ("ffn_gate.weight", lambda w: w.T), "w_up": ("ffn_up.weight", lambda w: w.T),
-          "w_down": ("ffn_down.weight", lambda w: w.T)}
+def _transpose_into(out: np.ndarray, w: np.ndarray, rows: int = 1024) -> None:
+  """out[...] = w.T in slices of rows: ~4x faster than one big strided copy."""
+  for i in range(0, w.shape[0], rows):
+    out[:, i:i + rows] = w[i:i + rows].T
+
+
+def _plan(c: ModelConfig) -> dict[str, tuple[str, bool]]:
+  """jaxspec layer parameter -> (GGUF tensor suffix, whether llama.cpp's [out, in] matrix is
+  transposed to jaxspec's [in, out] layout)."""
+  plan = {"attn_norm": ("attn_norm.weight", False), "wq": ("attn_q.weight", True),
+          "wk": ("attn_k.weight", True), "wv": ("attn_v.weight", True),
+          "wo": ("attn_output.weight", True), "mlp_norm": ("ffn_norm.weight", False),
+          "w_gate": ("ffn_gate.weight", True), "w_up": ("ffn_up.weight", True),
+          "w_down": ("ffn_down.weight", True)}
   if c.qkv_bias:
-    plan.update(bq=("attn_q.bias", lambda w: w.reshape(N, H)),
-                bk=("attn_k.bias", lambda w: w.reshape(K, H)),
-                bv=("attn_v.bias", lambda w: w.reshape(K, H)))
+    plan.update(bq=("attn_q.bias", False), bk=("attn_k.bias", False), bv=("attn_v.bias", False))
   if c.qk_norm:
-    plan.update(q_norm=("attn_q_norm.weight", None), k_norm=("attn_k_norm.weight", None))
+    plan.update(q_norm=("attn_q_norm.weight", False), k_norm=("attn_k_norm.weight", False))
   if c.post_norms:  # Gemma 2 / 3; ffn_norm is the pre-feed-forward norm
-    plan.update(post_attn_norm=("post_attention_norm.weight", None),
-                post_mlp_norm=("post_ffw_norm.weight", None))
-  if c.norm_plus_one:  # llama.cpp stores Gemma norms as 1 + w; jaxspec (like HF) keeps w
-    plan = {k: (s, (lambda w: w - 1) if "norm" in k else f) for k, (s, f) in plan.items()}
+    plan.update(post_attn_norm=("post_attention_norm.weight", False),
+                post_mlp_norm=("post_ffw_norm.weight", False))
   return plan
 
 
@@ -171,30 +170,37 @@ def load(path: str, progress: bool = True) -> tuple[ModelConfig, dict, HFTokeniz
   bar = tqdm(total=total, desc=f"loading {os.path.basename(path)}", unit="tensor",
              disable=not progress, leave=False)
 
-  def read(name, shape):
+  def read(name, shape, out=None, transpose=False):
+    """Tensor `name` dequantized into `out` (a new array when None), transposed or not."""
     if name not in tensors:
       raise ValueError(f"{path}: GGUF file has no tensor {name!r}")
     t = tensors[name]
     if int(np.prod(t.shape)) != int(np.prod(shape)):
       raise ValueError(f"{path}: tensor {name} has shape {t.shape}, the config implies {shape}")
-    out = dequantize(r, t, path)
-    check_finite(name, out, path)
+    w = dequantize(r, t, path)
+    if out is None:
+      out = np.empty(shape, np.float32)
+    if transpose:
+      _transpose_into(out.reshape(w.shape[1], w.shape[0]), w)
+    else:
+      out[...] = w.reshape(out.shape)
     bar.update(1)
     return out
 
   try:
     params = {"embed": read("token_embd.weight", shapes["embed"]),
               "final_norm": read("output_norm.weight", shapes["final_norm"])}
-    if c.norm_plus_one:
-      params["final_norm"] = params["final_norm"] - 1
     layers = {k: np.empty(shapes["layers"][k], np.float32) for k in plan}  # filled in place
     for i in range(c.n_layers):
-      for k, (suffix, to_layout) in plan.items():
-        w = read(f"blk.{i}.{suffix}", shapes["layers"][k][1:])
-        layers[k][i] = w if to_layout is None else to_layout(w)
+      for k, (suffix, transpose) in plan.items():
+        read(f"blk.{i}.{suffix}", shapes["layers"][k][1:], layers[k][i], transpose)
     params["layers"] = layers
+    if c.norm_plus_one:  # llama.cpp stores Gemma norms as 1 + w; jaxspec (like HF) keeps w
+      params["final_norm"] -= 1
+      for k in (k for k in layers if "norm" in k):
+        layers[k] -= 1
     if not c.tied_embeddings:
-      params["lm_head"] = np.ascontiguousarray(read("output.weight", shapes["lm_head"]).T)
+      params["lm_head"] = read("output.weight", shapes["lm_head"], transpose=True)
   except ValueError:
     raise
   except Exception as e:

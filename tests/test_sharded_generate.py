@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 import jaxspec
-from jaxspec import api, drafters, engine, sharding, trees
+from jaxspec import drafters, engine, session, sharding, trees
 
 PROMPTS = ["Once upon a time", "Tom and his dog went to the", "The little bird",
            "Lily wanted to play"]
@@ -54,9 +54,9 @@ def test_mesh_equals_single_device(stories, single, data, tensor):
 def test_loop_has_no_weight_all_gather(stories):
   """The compiled speculative loop never all-gathers a whole weight (per layer or stacked)."""
   mesh = sharding.make_mesh(data=2, tensor=4)
-  pr = api._prepare(stories, PROMPTS, drafter=chain(), max_new_tokens=N_NEW, temperature=0.0,
-                    top_k=None, top_p=None, seed=0, stop_tokens=(), mesh=mesh)
-  state, _ = api._start(stories, pr)
+  pr = session.prepare(stories, PROMPTS, drafter=chain(), max_new_tokens=N_NEW,
+                       temperature=0.0, top_k=None, top_p=None, seed=0, stop_tokens=(), mesh=mesh)
+  state, _ = session.start(stories, pr)
   exe, _ = engine.compiled("run", pr.spec, stories.params, pr.dparams, pr.inputs, state,
                            jnp.asarray(1, jnp.int32), mesh=mesh)
   hlo = exe.compiled.as_text()

@@ -15,7 +15,7 @@ import pytest
 
 import jaxspec
 from jaxspec import checkpoint, drafters, trees
-from jaxspec.cli import parse_drafter
+from jaxspec.drafters.registry import parse as parse_drafter
 from jaxspec.models import Model
 
 PROMPTS = ["Once upon a time", "Tom and his dog went to the", "The little bird",

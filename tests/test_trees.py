@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jaxspec
-from jaxspec import api, drafters, sampling, trees, verify
+from jaxspec import drafters, sampling, session, trees, verify
 from jaxspec.models import KVCache, forward
 from conftest import truncated
 
@@ -124,11 +124,11 @@ def test_tree_beats_chain_tau(stories):
 
 def test_tree_commit_leaves_plain_cache(stories):
   """After several tree rounds the live cache equals a fresh prefill of the committed tokens."""
-  pr = api._prepare(stories, PROMPTS, drafter=drafters.EarlyExit(layers=3, tree=DYNAMIC),
-                    max_new_tokens=N_NEW, temperature=0.0, top_k=None, top_p=None, seed=0,
-                    stop_tokens=(), mesh=None)
-  state, _ = api._start(stories, pr)
-  state, _ = api._rounds(stories, pr, state, 3)
+  pr = session.prepare(stories, PROMPTS, drafter=drafters.EarlyExit(layers=3, tree=DYNAMIC),
+                       max_new_tokens=N_NEW, temperature=0.0, top_k=None, top_p=None, seed=0,
+                       stop_tokens=(), mesh=None)
+  state, _ = session.start(stories, pr)
+  state, _ = session.run_rounds(stories, pr, state, 3)
   seq, n = np.asarray(state.seq), np.asarray(state.n)
   assert (n > np.asarray(pr.lens) + 3).any()  # some row accepted tree tokens
   ref = forward(stories.params, stories.config, jnp.asarray(seq),

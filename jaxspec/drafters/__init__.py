@@ -1,16 +1,20 @@
-"""Drafters: every one proposes k tokens per round inside the compiled loop."""
+"""Drafters: every one proposes a chain of k tokens or a token tree per round, inside the
+compiled loop, behind one protocol (`base.Drafter` / `base.DrafterSpec`). Each family lives in
+its own module and registers its command-line name in `registry`."""
 
-from .base import DrafterSpec, NoDraft, Round
-from .draft_model import DraftModel
-from .early_exit import EarlyExit
-from .ngram import NGram
-from .oracle import Oracle
-from .recycling import Recycling
+from . import registry
+from .base import Accepted, Drafter, DrafterSpec, NoDraft, Prefill, Proposal, Round
+from .head import Head
 
-__all__ = ["DraftModel", "DrafterSpec", "EarlyExit", "NGram", "NoDraft", "Oracle", "Recycling",
-           "Round"]
-
+# Import order is registration order (the default `jaxspec bench` rows follow it).
+from .ngram import NGram  # noqa: E402  (isort: keep)
+from .recycling import Recycling  # noqa: E402
+from .early_exit import EarlyExit  # noqa: E402
+from .draft_model import DraftModel  # noqa: E402
+from .oracle import Oracle  # noqa: E402
 from .eagle import Eagle, EagleConfig, EagleHead  # noqa: E402
 from .medusa import Medusa, MedusaConfig, MedusaHeads  # noqa: E402
 
-__all__ += ["Eagle", "EagleConfig", "EagleHead", "Medusa", "MedusaConfig", "MedusaHeads"]
+__all__ = ["Accepted", "DraftModel", "Drafter", "DrafterSpec", "Eagle", "EagleConfig",
+           "EagleHead", "EarlyExit", "Head", "Medusa", "MedusaConfig", "MedusaHeads", "NGram",
+           "NoDraft", "Oracle", "Prefill", "Proposal", "Recycling", "Round", "registry"]

@@ -1,36 +1,53 @@
-"""The drafter protocol.
+"""The drafter protocol: one user-facing type, one traced half, one struct each way.
 
-A user-facing drafter (`DraftModel`, `EarlyExit`, `NGram`, ...) is bound to a target model with
-`bind(target) -> (spec, params)`. The spec is a frozen, hashable dataclass (a jit static
-argument: k, configs, choices); the params are a pytree of arrays (traced). Inside the compiled
-loop the engine calls, once per round:
+A drafter has two halves:
 
-    dstate, tcache, tokens, probs = spec.propose(params, dstate, round)
-    dstate = spec.commit(params, dstate, round, n_new, n_acc, hidden)
+  * `Drafter` (user-facing): a frozen dataclass of options (`NGram(n=3, k=4)`), validated on
+    construction. `bind(target) -> (spec, params)` turns it into
+  * `DrafterSpec` (static): a frozen, hashable dataclass (a jit static argument: k, configs,
+    the tree topology) plus `params`, a pytree of arrays (traced).
 
-`round` (a `Round`) carries the target params and cache, the token buffer `seq` and the number
-of committed tokens `n` per row: `seq[b, n[b] - 1]` is the last committed token, not yet in the
-target cache (`tcache.lengths == n - 1`). `tokens` are k proposed tokens [B, k]; `probs` their
-draft distributions [B, k, V] for lossless sampling, or None for a deterministic proposal.
+Inside the compiled loop the engine calls, for every drafter alike:
 
-Feature drafters (EAGLE, Medusa) read the target's hidden states: `init` gets the prefill's
-`hidden` [B, P, D] (row b's prompt ends at prompt_lens[b] - 1) and `commit` gets the verify
-pass's `hidden` [B, k+1, D] (position 0 = the pending token, i = draft i) with `n_acc` [B], the
-number of drafts accepted. `hidden[b, n_acc[b]]` is the feature whose next token is the new
-pending token `seq[b, n_new[b] - 1]`.
+    dstate = spec.init(params, Prefill(...))                     # once, after the prefill
+    dstate, proposal = spec.propose(params, dstate, Round(...))  # every round
+    dstate = spec.commit(params, dstate, Round(...), Accepted(...))
+
+Every hook is declared here with a default, so the engine never asks a drafter what it is.
+
+`Round` carries the target params and cache, the token buffer `seq` and the number of committed
+tokens `n` per row: `seq[b, n[b] - 1]` is the last committed (pending) token, not yet in the
+target cache (`tcache.lengths == n - 1`).
+
+`Proposal` is what verification gets: a chain of k drafts (`tokens` [B, k], their draft
+distributions `probs` [B, k, V] or None for a deterministic proposal) or a token tree
+(`tree`, a `trees.TreeArrays` whose node 0 is the pending token), and the target cache if the
+drafter wrote to it (EarlyExit shares the target's cache; everyone else leaves it None).
+
+`Accepted` is what the drafter learns back: the committed length `n_new`, the number of drafts
+accepted `n_acc`, the accepted path of node indices (0 .. k for a chain), the target's hidden
+states along that path (`hidden[b, n_acc[b]]` is the feature whose next token is the new
+pending token), and the verify pass's own tokens and logits (Token Recycling learns from them).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
+from jaxspec import trees
 from jaxspec.models import KVCache, ModelConfig
 from jaxspec.sampling import SamplingMode, SamplingParams
+
+MAX_K = 64  # longest chain a round may draft (program size grows with it)
+
+
+# ------------------------------------------------------------------------------ loop structs
 
 
 @struct.dataclass
@@ -43,9 +60,91 @@ class Round:
   sp: SamplingParams
 
 
+@struct.dataclass
+class Prefill:
+  """What `init` sees once the prompt has run through the target."""
+
+  tparams: Any
+  prompt: jax.Array  # [B, P] int32 (padded past each row's length)
+  prompt_lens: jax.Array  # [B]
+  hidden: jax.Array  # [B, P, D] the target's features (residual stream before the final norm)
+  cache_size: int = struct.field(pytree_node=False)  # slots of every per-row cache
+
+
+@struct.dataclass
+class Proposal:
+  """One round's drafts: a chain (tree=None) or a padded token tree."""
+
+  tokens: jax.Array  # chain: [B, k] drafts (< 0: empty slot); tree: [B, N] = tree.tokens
+  probs: jax.Array | None  # chain: [B, k, V] draft distributions; None: deterministic
+  tree: trees.TreeArrays | None
+  tcache: KVCache | None  # the target cache, when the drafter wrote to it
+  children: jax.Array | None  # static trees: [N, M] children table, precomputed
+  depth: int = struct.field(pytree_node=False)  # most drafts this round can accept
+  max_children: int = struct.field(pytree_node=False)
+
+  @classmethod
+  def chain(cls, tokens: jax.Array, probs: jax.Array | None = None,
+            tcache: KVCache | None = None) -> "Proposal":
+    return cls(tokens=tokens, probs=probs, tree=None, tcache=tcache, children=None,
+               depth=tokens.shape[1], max_children=1)
+
+  @classmethod
+  def from_tree(cls, topology, arrays: trees.TreeArrays,
+                tcache: KVCache | None = None) -> "Proposal":
+    """`topology`: the drafter's `trees.Static` / `trees.Dynamic`."""
+    children = (jnp.asarray(topology.children()) if isinstance(topology, trees.Static)
+                else None)
+    return cls(tokens=arrays.tokens, probs=None, tree=arrays, tcache=tcache, children=children,
+               depth=topology.max_depth, max_children=topology.max_children)
+
+  def target_inputs(self, seq: jax.Array, n: jax.Array):
+    """(tokens [B, T], positions [B, T] | None, tree_mask | None) of the verify forward: the
+    pending token then the drafts at consecutive positions, or the tree's nodes at
+    `n - 1 + depth` seeing their ancestors."""
+    if self.tree is None:
+      pending = jnp.take_along_axis(seq, (n - 1)[:, None], axis=1)  # [B, 1]
+      return jnp.concatenate([pending, self.tokens], axis=1), None, None
+    t = self.tree
+    return (t.tokens, (n - 1)[:, None] + t.depth, trees.ancestor_mask(t.parents, self.depth))
+
+  def keep_path(self, cache: KVCache, base: jax.Array, path: jax.Array) -> KVCache:
+    """The verified cache with the accepted path in contiguous slots from `base`."""
+    return cache if self.tree is None else cache.gather_slots(base, path)
+
+  def along_path(self, x: jax.Array, path: jax.Array) -> jax.Array:
+    """[B, T, ...] per verified position -> [B, depth + 1, ...] along the accepted path."""
+    if self.tree is None:
+      return x
+    idx = path.reshape(path.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, idx, axis=1)
+
+  def drafted(self) -> jax.Array:
+    """[B] drafts handed to verification (empty slots and invalid nodes excluded)."""
+    if self.tree is None:
+      return jnp.sum(self.tokens >= 0, axis=1)
+    return jnp.sum(self.tree.valid[:, 1:], axis=1)
+
+
+@struct.dataclass
+class Accepted:
+  """What one verify pass decided, handed back to the drafter."""
+
+  n_new: jax.Array  # [B] committed tokens after this round
+  n_acc: jax.Array  # [B] drafts accepted
+  path: jax.Array  # [B, depth + 1] accepted node indices from the root (chains: 0 .. depth)
+  hidden: jax.Array  # [B, depth + 1, D] the target's features along the path
+  tokens: jax.Array  # [B, T] what the target verified (pending + drafts, or tree nodes)
+  logits: jax.Array  # [B, T, V] the verify pass's logits at those positions
+
+
+# ---------------------------------------------------------------------------- the traced half
+
+
 @dataclasses.dataclass(frozen=True)
 class DrafterSpec:
-  """Static half of a bound drafter. Subclasses override `propose` (and `init`/`commit`)."""
+  """Static half of a bound drafter. Subclasses override `propose`, and `init` / `commit`
+  when they keep state across rounds."""
 
   k: int
   target: ModelConfig
@@ -67,28 +166,22 @@ class DrafterSpec:
     """Most drafts one round can accept (k for chains, the tree depth for trees)."""
     return self.k if self.tree is None else self.tree.max_depth
 
+  @property
+  def slots(self) -> int:
+    """Draft slots per round: k for chains, the tree's nodes below the root."""
+    return self.k if self.tree is None else self.tree.n_nodes - 1
+
   def with_mode(self, mode: SamplingMode) -> "DrafterSpec":
     return dataclasses.replace(self, mode=mode)
 
-  def init(self, params, tparams, prompt: jax.Array, prompt_lens: jax.Array, cache_size: int,
-           hidden: jax.Array):
+  def init(self, params, p: Prefill):
     return ()
 
-  def propose(self, params, dstate, r: Round):
-    raise NotImplementedError
+  def propose(self, params, dstate, r: Round) -> tuple[Any, Proposal]:
+    raise NotImplementedError(f"{type(self).__name__} must implement propose")
 
-  def commit(self, params, dstate, r: Round, n_new: jax.Array, n_acc: jax.Array,
-             hidden: jax.Array):
+  def commit(self, params, dstate, r: Round, a: Accepted):
     return dstate
-
-  # Token trees (see jaxspec.trees). `propose_tree` returns (dstate, tcache, TreeArrays) whose
-  # node 0 is the pending token; `commit_tree` gets the accepted `path` [B, D+1] of node
-  # indices and the target's hidden states gathered along it.
-  def propose_tree(self, params, dstate, r: Round):
-    raise NotImplementedError(f"{type(self).__name__} does not draft token trees")
-
-  def commit_tree(self, params, dstate, r: Round, n_new, n_acc, hidden, path):
-    return self.commit(params, dstate, r, n_new, n_acc, hidden)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +189,62 @@ class NoDraft(DrafterSpec):
   """Plain decoding: k = 0, every round is one target forward of one token."""
 
   def propose(self, params, dstate, r: Round):
-    b = r.seq.shape[0]
-    return dstate, r.tcache, jnp.zeros((b, 0), jnp.int32), None
+    return dstate, Proposal.chain(jnp.zeros((r.seq.shape[0], 0), jnp.int32))
+
+
+# ----------------------------------------------------------------------- the user-facing half
+
+
+class Drafter:
+  """Base of every user-facing drafter (a frozen dataclass of options).
+
+  Subclasses declare their options as dataclass fields. The common ones are validated here
+  when declared: `k` (draft length, 1..64), `tree` (None, a `trees.Static` or `trees.Dynamic`,
+  restricted to `tree_kinds`), `stop_below` (a confidence in [0, 1), chains only); `check()`
+  validates the rest. `bind(target)` returns (DrafterSpec, params).
+  """
+
+  tree_kinds: ClassVar[tuple[type, ...]] = (trees.Static, trees.Dynamic)  # () = chains only
+
+  def __post_init__(self):
+    names = {f.name for f in dataclasses.fields(self)}
+    if "k" in names:
+      object.__setattr__(self, "k", check_k(self.k))
+    if "tree" in names:
+      object.__setattr__(self, "tree", self._check_tree(self.tree))
+    if "stop_below" in names:
+      object.__setattr__(self, "stop_below",
+                         check_stop_below(self.stop_below, getattr(self, "tree", None)))
+    self.check()
+
+  def _check_tree(self, tree):
+    tree = check_tree(tree)
+    if tree is not None and not isinstance(tree, self.tree_kinds):
+      kinds = " or ".join(f"trees.{k.__name__}" for k in self.tree_kinds)
+      if not kinds:
+        raise ValueError(f"{type(self).__name__} drafts chains only (tree=None), got "
+                         f"tree={tree!r}")
+      raise ValueError(f"{type(self).__name__} drafts a {kinds} tree, got "
+                       f"{type(tree).__name__}")
+    return tree
+
+  def check(self) -> None:
+    """Validates drafter-specific options (raise ValueError / TypeError)."""
+
+  def bind(self, target) -> tuple[DrafterSpec, Any]:
+    raise NotImplementedError(f"{type(self).__name__} must implement bind")
+
+  def draft_forward(self, target):
+    """(params, config, n_layers) of one draft forward (1 token per row), for cost models;
+    None for drafters that run no model."""
+    return None
+
+  def with_k(self, k: int) -> "Drafter":
+    """The same drafter drafting k tokens per round."""
+    return dataclasses.replace(self, k=k)
+
+
+# ----------------------------------------------------------------------------------- helpers
 
 
 def last_tokens(seq: jax.Array, n: jax.Array, count: int) -> jax.Array:
@@ -106,12 +253,42 @@ def last_tokens(seq: jax.Array, n: jax.Array, count: int) -> jax.Array:
   return jnp.take_along_axis(seq, jnp.clip(idx, 0, seq.shape[1] - 1), axis=1)
 
 
-def check_tree(tree):
-  from jaxspec.trees import check_tree as _check
-  return _check(tree)
+def pick(x: jax.Array, idx: jax.Array) -> jax.Array:
+  """x [B, T, D], idx [B] -> [B, D]."""
+  return jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
+
+
+def check_int(name: str, value, low: int, high: int | None = None) -> int:
+  """A Python or numpy integer (not a bool) in [low, high] -> int; TypeError for other types,
+  ValueError out of range."""
+  if high is not None:
+    want = f"an integer in [{low}, {high}]"
+  else:
+    want = "a positive integer" if low == 1 else f"an integer >= {low}"
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    raise TypeError(f"{name} must be {want}, got {value!r}")
+  if value < low or (high is not None and value > high):
+    raise ValueError(f"{name} must be {want}, got {int(value)}")
+  return int(value)
 
 
 def check_k(k) -> int:
-  if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 64:
-    raise ValueError(f"draft length k must be an integer in [1, 64], got {k!r}")
-  return k
+  if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or \
+      not 1 <= int(k) <= MAX_K:
+    raise ValueError(f"draft length k must be an integer in [1, {MAX_K}], got {k!r}")
+  return int(k)
+
+
+def check_tree(tree):
+  return trees.check_tree(tree)
+
+
+def check_stop_below(stop_below, tree=None) -> float | None:
+  if stop_below is None:
+    return None
+  if isinstance(stop_below, (bool, np.bool_)) or not isinstance(
+      stop_below, (int, float, np.integer, np.floating)) or not 0.0 <= float(stop_below) < 1.0:
+    raise ValueError(f"stop_below must be a probability in [0, 1), got {stop_below!r}")
+  if tree is not None:
+    raise ValueError("stop_below applies to chains; token trees size themselves (tree=None)")
+  return float(stop_below)

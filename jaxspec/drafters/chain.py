@@ -13,17 +13,6 @@ from jaxspec.sampling import SamplingMode, SamplingParams
 INVALID = -1  # a draft slot left empty: never accepted, verification stops there
 
 
-def check_stop_below(stop_below, tree=None) -> float | None:
-  if stop_below is None:
-    return None
-  if isinstance(stop_below, bool) or not isinstance(stop_below, (int, float)) or not (
-      0.0 <= stop_below < 1.0):
-    raise ValueError(f"stop_below must be a probability in [0, 1), got {stop_below!r}")
-  if tree is not None:
-    raise ValueError("stop_below applies to chains; token trees size themselves (tree=None)")
-  return float(stop_below)
-
-
 def _confidence(logits: jax.Array, q: jax.Array | None) -> jax.Array:
   """[B] top-1 probability of the distribution a draft was taken from."""
   return jnp.max(jax.nn.softmax(logits, axis=-1) if q is None else q, axis=-1)

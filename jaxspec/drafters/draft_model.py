@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
+from flax import struct
 
 from jaxspec.models import KVCache, Model, ModelConfig, forward
 
-from .base import DrafterSpec, Round, check_k, check_tree, last_tokens
-from .chain import check_stop_below, draft_chain
+from . import registry
+from .base import Accepted, Drafter, DrafterSpec, Prefill, Proposal, Round, last_tokens
+from .chain import draft_chain
 from .tree_draft import grow
+
+
+@struct.dataclass
+class DraftState:
+  cache: KVCache  # the draft model's cache; holds every committed token but possibly the last 2
+  node_slot: jax.Array | None  # trees: [B, N] each node's slot offset from the round base, -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,12 +31,12 @@ class DraftModelSpec(DrafterSpec):
   def draft_forwards(self) -> int:
     return self.k
 
-  def init(self, params, tparams, prompt, prompt_lens, cache_size, hidden):
-    cache = KVCache.init(self.draft, prompt.shape[0], cache_size, params["embed"].dtype)
-    cache = forward(params, self.draft, prompt, cache, logits=False).cache.rewind(prompt_lens)
-    if self.tree is None:
-      return cache
-    return cache, jnp.zeros((prompt.shape[0], self.tree.n_nodes), jnp.int32)
+  def init(self, params, p: Prefill):
+    b = p.prompt.shape[0]
+    cache = KVCache.init(self.draft, b, p.cache_size, params["embed"].dtype)
+    cache = forward(params, self.draft, p.prompt, cache, logits=False).cache.rewind(p.prompt_lens)
+    node_slot = None if self.tree is None else jnp.zeros((b, self.tree.n_nodes), jnp.int32)
+    return DraftState(cache=cache, node_slot=node_slot)
 
   def _root(self, params, cache: KVCache, r: Round):
     # The draft cache holds every committed token but possibly the last two (after a fully
@@ -35,8 +44,16 @@ class DraftModelSpec(DrafterSpec):
     # with the same token is idempotent, and it keeps every shape static.
     return forward(params, self.draft, last_tokens(r.seq, r.n, 2), cache.rewind(r.n - 2))
 
-  def propose_tree(self, params, dstate, r: Round):
-    out = self._root(params, dstate[0], r)
+  def propose(self, params, st: DraftState, r: Round):
+    out = self._root(params, st.cache, r)
+    if self.tree is None:
+      def step(cache, tok):
+        o = forward(params, self.draft, tok[:, None], cache)
+        return o.cache, o.logits[:, 0]
+
+      cache, tokens, probs = draft_chain(step, out.cache, out.logits[:, 1], self.k, r.key,
+                                         self.mode, r.sp, self.stop_below)
+      return st.replace(cache=cache), Proposal.chain(tokens, probs)
 
     def feed(cache, toks, pos, base, tree_mask, parent):
       o = forward(params, self.draft, toks, cache, positions=pos, mask_base=base,
@@ -46,29 +63,21 @@ class DraftModelSpec(DrafterSpec):
     pending = last_tokens(r.seq, r.n, 1)[:, 0]
     cache, arrays, node_slot = grow(feed, out.cache, out.logits[:, 1], pending, r.n - 1,
                                     self.tree)
-    return (cache, node_slot), r.tcache, arrays
+    return DraftState(cache=cache, node_slot=node_slot), Proposal.from_tree(self.tree, arrays)
 
-  def commit_tree(self, params, dstate, r: Round, n_new, n_acc, hidden, path):
+  def commit(self, params, st: DraftState, r: Round, a: Accepted):
+    if self.tree is None:
+      return st  # chain drafts sit in their own slots already; propose rewinds
     # Move the draft's entries of the accepted path (fed at tree slots) to contiguous slots.
-    cache, node_slot = dstate
-    src = jnp.take_along_axis(node_slot, path, axis=1)
-    src = jnp.where(src >= 0, src, jnp.arange(path.shape[1])[None, :])
-    return cache.gather_slots(r.n - 1, src), node_slot
-
-  def propose(self, params, cache: KVCache, r: Round):
-    out = self._root(params, cache, r)
-
-    def step(cache, tok):
-      o = forward(params, self.draft, tok[:, None], cache)
-      return o.cache, o.logits[:, 0]
-
-    cache, tokens, probs = draft_chain(step, out.cache, out.logits[:, 1], self.k, r.key,
-                                       self.mode, r.sp, self.stop_below)
-    return cache, r.tcache, tokens, probs
+    src = jnp.take_along_axis(st.node_slot, a.path, axis=1)
+    src = jnp.where(src >= 0, src, jnp.arange(a.path.shape[1])[None, :])
+    return st.replace(cache=st.cache.gather_slots(r.n - 1, src))
 
 
+@registry.register("draft", usage="draft:SRC",
+                   help="an independent smaller model with the target's tokenizer")
 @dataclasses.dataclass(frozen=True, eq=False)
-class DraftModel:
+class DraftModel(Drafter):
   """Drafts with a separate (smaller) model that shares the target's tokenizer.
 
   Args:
@@ -85,10 +94,7 @@ class DraftModel:
   tree: object = None
   stop_below: float | None = None
 
-  def __post_init__(self):
-    check_k(self.k)
-    object.__setattr__(self, "tree", check_tree(self.tree))
-    object.__setattr__(self, "stop_below", check_stop_below(self.stop_below, self.tree))
+  def check(self):
     if not isinstance(self.draft_model, Model):
       raise TypeError(f"DraftModel expects a jaxspec Model, got {type(self.draft_model).__name__}")
 
@@ -107,3 +113,14 @@ class DraftModel:
     spec = DraftModelSpec(k=self.k, target=t, draft=d, tree=self.tree,
                           stop_below=self.stop_below)
     return spec, self.draft_model.params
+
+  def draft_forward(self, target):
+    return self.draft_model.params, self.draft_model.config, None
+
+  @classmethod
+  def from_cli(cls, arg: str, k: int, tree: int | None) -> "DraftModel":
+    from jaxspec.models.load import load
+
+    if not arg:
+      raise ValueError("--drafter draft needs a model, e.g. draft:stories260K")
+    return cls(load(arg), k=k, tree=registry.dynamic_tree(tree, k))

@@ -28,7 +28,6 @@ gathered along the path.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +36,10 @@ from flax import struct
 
 from jaxspec.models import KVCache, Model, ModelConfig, forward, head, param_shapes
 
-from .base import DrafterSpec, Round, check_k, check_tree, last_tokens
+from . import registry
+from .base import Accepted, Drafter, DrafterSpec, Prefill, Proposal, Round, last_tokens, pick
 from .chain import draft_chain
+from .head import Head
 from .tree_draft import grow
 
 KIND = "eagle"
@@ -115,11 +116,6 @@ class EagleState:
   drafts: jax.Array  # [B, k] (chain) or [B, N] (tree tokens): this round's proposals
 
 
-def _pick(hidden: jax.Array, idx: jax.Array) -> jax.Array:
-  """hidden [B, T, D], idx [B] -> [B, D]."""
-  return jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0]
-
-
 @dataclasses.dataclass(frozen=True)
 class EagleSpec(DrafterSpec):
   head: EagleConfig | None = None
@@ -129,142 +125,69 @@ class EagleSpec(DrafterSpec):
     # k drafting steps (or one per tree level) and one re-feed of the verified positions
     return (self.k if self.tree is None else self.tree.max_depth) + 1
 
-  def init(self, params, tparams, prompt, prompt_lens, cache_size, hidden):
-    b = prompt.shape[0]
-    cache = KVCache.init(self.head.decoder, b, cache_size, tparams["embed"].dtype)
+  def init(self, params, p: Prefill):
+    b = p.prompt.shape[0]
+    cache = KVCache.init(self.head.decoder, b, p.cache_size, p.tparams["embed"].dtype)
     # Position t reads (f_t, x_{t+1}); the last prompt position waits for the first sampled
     # token, so it is fed in the first propose. (Garbage past each row's prompt is rewound.)
-    nxt = jnp.concatenate([prompt[:, 1:], prompt[:, -1:]], axis=1)
-    _, cache = step(params, tparams, self.head, hidden, nxt, cache)
+    nxt = jnp.concatenate([p.prompt[:, 1:], p.prompt[:, -1:]], axis=1)
+    _, cache = step(params, p.tparams, self.head, p.hidden, nxt, cache)
     width = self.k if self.tree is None else self.tree.n_nodes
-    return EagleState(cache=cache.rewind(prompt_lens - 1), feat=_pick(hidden, prompt_lens - 1),
+    return EagleState(cache=cache.rewind(p.prompt_lens - 1),
+                      feat=pick(p.hidden, p.prompt_lens - 1),
                       drafts=jnp.zeros((b, width), jnp.int32))
 
   def propose(self, params, st: EagleState, r: Round):
-    tp = r.tparams
-    cache = st.cache.rewind(r.n - 2)
-    g, cache = step(params, tp, self.head, st.feat[:, None], last_tokens(r.seq, r.n, 1), cache)
-
-    def one(carry, tok):
-      cache, g = carry
-      g, cache = step(params, tp, self.head, g, tok[:, None], cache)
-      return (cache, g), head(tp, self.target, g)[:, 0]
-
-    first = head(tp, self.target, g)[:, 0]
-    (cache, _), tokens, probs = draft_chain(one, (cache, g), first, self.k, r.key, self.mode,
-                                            r.sp)
-    return st.replace(cache=cache, drafts=tokens), r.tcache, tokens, probs
-
-  def propose_tree(self, params, st: EagleState, r: Round):
     tp = r.tparams
     base = r.n - 2  # the root feed's slot and position
     pending = last_tokens(r.seq, r.n, 1)[:, 0]
     g, cache = step(params, tp, self.head, st.feat[:, None], pending[:, None],
                     st.cache.rewind(base))
+    first = head(tp, self.target, g)[:, 0]
+    if self.tree is None:
+      def one(carry, tok):
+        cache, g = carry
+        g, cache = step(params, tp, self.head, g, tok[:, None], cache)
+        return (cache, g), head(tp, self.target, g)[:, 0]
+
+      (cache, _), tokens, probs = draft_chain(one, (cache, g), first, self.k, r.key, self.mode,
+                                              r.sp)
+      return st.replace(cache=cache, drafts=tokens), Proposal.chain(tokens, probs)
 
     def feed(cache, toks, pos, mask_base, tree_mask, parent):
       g, cache = step(params, tp, self.head, parent, toks, cache, positions=pos,
                       tree_mask=tree_mask, mask_base=mask_base)
       return cache, head(tp, self.target, g), g
 
-    cache, arrays, _ = grow(feed, cache, head(tp, self.target, g)[:, 0], pending, base,
-                            self.tree, root_feat=g[:, 0])
-    return st.replace(cache=cache, drafts=arrays.tokens), r.tcache, arrays
+    cache, arrays, _ = grow(feed, cache, first, pending, base, self.tree, root_feat=g[:, 0])
+    return st.replace(cache=cache, drafts=arrays.tokens), Proposal.from_tree(self.tree, arrays)
 
-  def _refeed(self, params, st: EagleState, r: Round, n_new, n_acc, hidden, tokens):
+  def commit(self, params, st: EagleState, r: Round, a: Accepted):
     # Re-feed positions n-1 .. n+D-2 with the verify pass's true features of the verified
-    # positions (hidden [B, D+1, Dm], fixed shape) and the drafted tokens that follow them
-    # (tokens [B, D]), then keep only the accepted ones.
-    _, cache = step(params, r.tparams, self.head, hidden[:, :-1], tokens,
+    # positions along the accepted path (a.hidden [B, D+1, Dm], fixed shape) and the drafted
+    # tokens that follow them ([B, D]: the chain, or the tree's nodes 1 .. D of the path),
+    # then keep only the accepted ones.
+    tokens = (st.drafts if self.tree is None else
+              jnp.take_along_axis(st.drafts, a.path[:, 1:], axis=1))
+    _, cache = step(params, r.tparams, self.head, a.hidden[:, :-1], tokens,
                     st.cache.rewind(r.n - 1))
-    return st.replace(cache=cache.rewind(n_new - 2), feat=_pick(hidden, n_acc))
-
-  def commit_tree(self, params, st: EagleState, r: Round, n_new, n_acc, hidden, path):
-    # hidden is gathered along the accepted path; its tokens are those of nodes 1 .. D.
-    tokens = jnp.take_along_axis(st.drafts, path[:, 1:], axis=1)  # [B, D]
-    return self._refeed(params, st, r, n_new, n_acc, hidden, tokens)
-
-  def commit(self, params, st: EagleState, r: Round, n_new, n_acc, hidden):
-    return self._refeed(params, st, r, n_new, n_acc, hidden, st.drafts)
+    return st.replace(cache=cache.rewind(a.n_new - 2), feat=pick(a.hidden, a.n_acc))
 
 
 # ------------------------------------------------------------------------------ user objects
 
 
 @dataclasses.dataclass(eq=False)
-class EagleHead:
+class EagleHead(Head):
   """Trained EAGLE drafter weights (`jaxspec.train.train_drafter(kind="eagle")`)."""
 
-  params: dict
-  config: EagleConfig
-  kind: str = KIND
-  name: str = "eagle"
-  meta: dict = dataclasses.field(default_factory=dict)
-
-  @classmethod
-  def load(cls, path: str | os.PathLike, *, dtype=None) -> "EagleHead":
-    """Loads a head saved by `save` / `jaxspec.save_checkpoint` (or a training `out_dir`)."""
-    ckpt = load_checkpoint(path, KIND, dtype=dtype)
-    return cls(params=ckpt.params, config=ckpt.config, name=ckpt.name or "eagle",
-               meta=ckpt.meta)
-
-  def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> str:
-    from jaxspec import checkpoint
-    return checkpoint.save(self, path, meta=self.meta, overwrite=overwrite)
+  KIND = KIND
 
 
-def check_target(kind: str, config, target: Model) -> None:
-  """A clear error when a head was trained for a model of another shape."""
-  t, h = target.config, config.target
-  if (t.dim, t.vocab_size) != (h.dim, h.vocab_size):
-    raise ValueError(f"this {kind} head was trained for a model with dim {h.dim} and vocabulary "
-                     f"{h.vocab_size}; the target {target.name!r} has dim {t.dim} and "
-                     f"vocabulary {t.vocab_size}. Train a head for this target with "
-                     f"jaxspec.train.train_drafter(model, kind={kind.lower()!r}, ...)")
-
-
-def _check_shapes(kind: str, params, want) -> None:
-  have = jax.tree.map(lambda x: tuple(x.shape), params)
-  is_shape = lambda s: isinstance(s, tuple)
-  if (jax.tree.structure(have, is_leaf=is_shape) != jax.tree.structure(want, is_leaf=is_shape)
-      or jax.tree.leaves(have, is_leaf=is_shape) != jax.tree.leaves(want, is_leaf=is_shape)):
-    raise ValueError(f"{kind} head parameters do not match its config (a damaged or foreign "
-                     f"checkpoint?)")
-
-
-def resolve_head(obj, cls, kind: str):
-  """A head object from a head, a `checkpoint.Checkpoint` or a path."""
-  from jaxspec.checkpoint import Checkpoint
-  if isinstance(obj, (str, os.PathLike)):
-    return cls.load(obj)
-  if isinstance(obj, cls):
-    return obj
-  if isinstance(obj, Checkpoint):
-    if obj.kind != kind:
-      raise ValueError(f"expected a {kind!r} head, got a {obj.kind!r} checkpoint")
-    return cls(params=obj.params, config=obj.config, name=obj.name or kind, meta=obj.meta)
-  other = getattr(obj, "kind", None)
-  if isinstance(other, str) and other != kind:
-    raise ValueError(f"expected a {kind!r} head, got a {other!r} head")
-  raise TypeError(f"expected a {cls.__name__} (or its checkpoint path), got {type(obj).__name__}")
-
-
-def load_checkpoint(path: str | os.PathLike, kind: str, *, dtype=None):
-  """`checkpoint.load_head` of a `kind` head; `path` may also be a training out_dir (whose
-  trained drafter lives in `out_dir/drafter`)."""
-  from jaxspec import checkpoint
-  path = os.fspath(path)
-  if (not os.path.exists(os.path.join(path, checkpoint.META_FILE))
-      and os.path.exists(os.path.join(path, "drafter", checkpoint.META_FILE))):
-    path = os.path.join(path, "drafter")
-  ckpt = checkpoint.load_head(path, dtype=dtype)
-  if ckpt.kind != kind:
-    raise ValueError(f"{path} holds a {ckpt.kind!r} checkpoint, not a {kind!r} head")
-  return ckpt
-
-
+@registry.register("eagle", usage="eagle:CKPT",
+                   help="a trained EAGLE head (jaxspec train-drafter --kind eagle)")
 @dataclasses.dataclass(frozen=True, eq=False)
-class Eagle:
+class Eagle(Drafter):
   """Drafts with a trained EAGLE head: k autoregressive steps in the target's feature space.
 
   Args:
@@ -279,16 +202,21 @@ class Eagle:
   k: int = 4
   tree: object = None
 
-  def __post_init__(self):
-    check_k(self.k)
-    object.__setattr__(self, "tree", check_tree(self.tree))
-    object.__setattr__(self, "head", resolve_head(self.head, EagleHead, KIND))
+  def check(self):
+    object.__setattr__(self, "head", EagleHead.resolve(self.head))
 
   def bind(self, target: Model):
     h = self.head
     if not isinstance(h.config, EagleConfig):
       raise ValueError(f"EAGLE head {h.name!r} has no usable config ({h.config!r})")
-    check_target("EAGLE", h.config, target)
-    _check_shapes("EAGLE", h.params, param_shapes_eagle(h.config))
+    h.check_target("EAGLE", target)
+    h.check_shapes(param_shapes_eagle(h.config))
     params = jax.tree.map(lambda x: jnp.asarray(x, target.dtype), h.params)
     return EagleSpec(k=self.k, target=target.config, head=h.config, tree=self.tree), params
+
+  @classmethod
+  def from_cli(cls, arg: str, k: int, tree: int | None) -> "Eagle":
+    if not arg:
+      raise ValueError("--drafter eagle needs a checkpoint, e.g. eagle:runs/eagle (made by "
+                       "jaxspec train-drafter --kind eagle)")
+    return cls(arg, k=k, tree=registry.dynamic_tree(tree, k))

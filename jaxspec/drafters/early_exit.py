@@ -12,8 +12,9 @@ import dataclasses
 
 from jaxspec.models import Model, forward
 
-from .base import DrafterSpec, Round, check_k, check_tree, last_tokens
-from .chain import check_stop_below, draft_chain
+from . import registry
+from .base import Drafter, DrafterSpec, Proposal, Round, check_int, last_tokens
+from .chain import draft_chain
 from .tree_draft import grow
 
 
@@ -28,32 +29,31 @@ class EarlyExitSpec(DrafterSpec):
 
   def propose(self, params, dstate, r: Round):
     tp = r.tparams
+    pending = last_tokens(r.seq, r.n, 1)[:, 0]
+    if self.tree is None:
+      def step(cache, tok):
+        o = forward(tp, self.target, tok[:, None], cache, n_layers=self.layers)
+        return o.cache, o.logits[:, 0]
 
-    def step(cache, tok):
-      o = forward(tp, self.target, tok[:, None], cache, n_layers=self.layers)
-      return o.cache, o.logits[:, 0]
-
-    cache, first = step(r.tcache, last_tokens(r.seq, r.n, 1)[:, 0])
-    cache, tokens, probs = draft_chain(step, cache, first, self.k, r.key, self.mode, r.sp,
-                                       self.stop_below)
-    return dstate, cache.rewind(r.n - 1), tokens, probs
-
-  def propose_tree(self, params, dstate, r: Round):
-    tp = r.tparams
+      cache, first = step(r.tcache, pending)
+      cache, tokens, probs = draft_chain(step, cache, first, self.k, r.key, self.mode, r.sp,
+                                         self.stop_below)
+      return dstate, Proposal.chain(tokens, probs, tcache=cache.rewind(r.n - 1))
 
     def feed(cache, toks, pos, base, tree_mask, parent):
       o = forward(tp, self.target, toks, cache, positions=pos, mask_base=base,
                   tree_mask=tree_mask, n_layers=self.layers)
       return o.cache, o.logits, None
 
-    pending = last_tokens(r.seq, r.n, 1)[:, 0]
     root = forward(tp, self.target, pending[:, None], r.tcache, n_layers=self.layers)
     cache, arrays, _ = grow(feed, root.cache, root.logits[:, 0], pending, r.n - 1, self.tree)
-    return dstate, cache.rewind(r.n - 1), arrays
+    return dstate, Proposal.from_tree(self.tree, arrays, tcache=cache.rewind(r.n - 1))
 
 
+@registry.register("early-exit", usage="early-exit:L", aliases=("early_exit", "earlyexit"),
+                   help="the target's first L layers and its head (shares weights and cache)")
 @dataclasses.dataclass(frozen=True)
-class EarlyExit:
+class EarlyExit(Drafter):
   """Drafts with the target's first `layers` layers, then its final norm and head.
   stop_below: confidence-based draft length, as for `DraftModel`."""
 
@@ -62,12 +62,8 @@ class EarlyExit:
   tree: object = None
   stop_below: float | None = None
 
-  def __post_init__(self):
-    check_k(self.k)
-    object.__setattr__(self, "tree", check_tree(self.tree))
-    object.__setattr__(self, "stop_below", check_stop_below(self.stop_below, self.tree))
-    if not isinstance(self.layers, int) or self.layers < 1:
-      raise ValueError(f"EarlyExit layers must be a positive integer, got {self.layers!r}")
+  def check(self):
+    object.__setattr__(self, "layers", check_int("EarlyExit layers", self.layers, 1))
 
   def bind(self, target: Model):
     if self.layers >= target.config.n_layers:
@@ -75,3 +71,18 @@ class EarlyExit:
                        f"has ({target.config.n_layers})")
     return EarlyExitSpec(k=self.k, target=target.config, layers=self.layers, tree=self.tree,
                          stop_below=self.stop_below), None
+
+  def draft_forward(self, target):
+    return target.params, target.config, self.layers
+
+  @classmethod
+  def from_cli(cls, arg: str, k: int, tree: int | None) -> "EarlyExit":
+    if not arg:
+      raise ValueError("--drafter early-exit needs a layer count, e.g. early-exit:4")
+    return cls(layers=registry.int_arg("early-exit:L", arg, "early-exit:4"), k=k,
+               tree=registry.dynamic_tree(tree, k))
+
+  @classmethod
+  def bench_defaults(cls, config) -> list[str]:
+    n = config.n_layers
+    return [f"early-exit:{l}" for l in sorted({max(1, (3 * n) // 4), n - 1}) if 1 <= l < n]

@@ -22,7 +22,6 @@ the root's children), so a `trees.Static` tree is Medusa's cartesian top-k-per-h
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +29,9 @@ import jax.numpy as jnp
 from jaxspec import sampling
 from jaxspec.models import Model, ModelConfig, head
 
-from .base import DrafterSpec, Round, check_k, check_tree, last_tokens
-from .eagle import _check_shapes, _pick, check_target, load_checkpoint, resolve_head
+from . import registry
+from .base import Accepted, Drafter, DrafterSpec, Prefill, Proposal, Round, last_tokens, pick
+from .head import Head
 from .tree_draft import grow
 
 KIND = "medusa"
@@ -83,60 +83,45 @@ class MedusaSpec(DrafterSpec):
   def draft_forwards(self) -> int:
     return 1  # one evaluation of the heads per round
 
-  def init(self, params, tparams, prompt, prompt_lens, cache_size, hidden):
-    return _pick(hidden, prompt_lens - 1)  # [B, D]
+  def init(self, params, p: Prefill):
+    return pick(p.hidden, p.prompt_lens - 1)  # [B, D]
 
   def propose(self, params, feat, r: Round):
-    sub = jax.tree.map(lambda x: x[:self.k], params)  # the first k heads
-    lg = logits(sub, r.tparams, self.target, feat)  # [B, k, V]
-    tokens, probs = sampling.sample(r.key, lg, self.mode, r.sp)
-    return feat, r.tcache, tokens, probs
-
-  def propose_tree(self, params, feat, r: Round):
+    if self.tree is None:
+      sub = jax.tree.map(lambda x: x[:self.k], params)  # the first k heads
+      lg = logits(sub, r.tparams, self.target, feat)  # [B, k, V]
+      tokens, probs = sampling.sample(r.key, lg, self.mode, r.sp)
+      return feat, Proposal.chain(tokens, probs)
     depth = self.tree.max_depth
     sub = jax.tree.map(lambda x: x[:depth], params)
     lg = logits(sub, r.tparams, self.target, feat)  # [B, depth, V]: head d = depth d+1 tokens
-    base = r.n - 1
 
     def feed(cache, toks, pos, mask_base, tree_mask, parent):
       d = jnp.minimum(pos - mask_base[:, None], depth - 1)  # [B, T] node depths (>= 1)
       return cache, jnp.take_along_axis(lg, d[:, :, None], axis=1), None
 
     pending = last_tokens(r.seq, r.n, 1)[:, 0]
-    _, arrays, _ = grow(feed, None, lg[:, 0], pending, base, self.tree)
-    return feat, r.tcache, arrays
+    _, arrays, _ = grow(feed, None, lg[:, 0], pending, r.n - 1, self.tree)
+    return feat, Proposal.from_tree(self.tree, arrays)
 
-  def commit(self, params, feat, r: Round, n_new, n_acc, hidden):
-    return _pick(hidden, n_acc)
+  def commit(self, params, feat, r: Round, a: Accepted):
+    return pick(a.hidden, a.n_acc)
 
 
 # ------------------------------------------------------------------------------ user objects
 
 
 @dataclasses.dataclass(eq=False)
-class MedusaHeads:
+class MedusaHeads(Head):
   """Trained Medusa heads (`jaxspec.train.train_drafter(kind="medusa")`)."""
 
-  params: dict
-  config: MedusaConfig
-  kind: str = KIND
-  name: str = "medusa"
-  meta: dict = dataclasses.field(default_factory=dict)
-
-  @classmethod
-  def load(cls, path: str | os.PathLike, *, dtype=None) -> "MedusaHeads":
-    """Loads heads saved by `save` / `jaxspec.save_checkpoint` (or a training `out_dir`)."""
-    ckpt = load_checkpoint(path, KIND, dtype=dtype)
-    return cls(params=ckpt.params, config=ckpt.config, name=ckpt.name or "medusa",
-               meta=ckpt.meta)
-
-  def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> str:
-    from jaxspec import checkpoint
-    return checkpoint.save(self, path, meta=self.meta, overwrite=overwrite)
+  KIND = KIND
 
 
+@registry.register("medusa", usage="medusa:CKPT",
+                   help="trained Medusa heads (jaxspec train-drafter --kind medusa)")
 @dataclasses.dataclass(frozen=True, eq=False)
-class Medusa:
+class Medusa(Drafter):
   """Drafts k tokens at once with trained Medusa heads (k <= the number of heads).
 
   Args:
@@ -151,10 +136,8 @@ class Medusa:
   k: int = 4
   tree: object = None
 
-  def __post_init__(self):
-    check_k(self.k)
-    object.__setattr__(self, "tree", check_tree(self.tree))
-    h = resolve_head(self.heads, MedusaHeads, KIND)
+  def check(self):
+    h = MedusaHeads.resolve(self.heads)
     object.__setattr__(self, "heads", h)
     if isinstance(h.config, MedusaConfig):
       if self.tree is None and self.k > h.config.n_heads:
@@ -168,7 +151,14 @@ class Medusa:
     h = self.heads
     if not isinstance(h.config, MedusaConfig):
       raise ValueError(f"Medusa heads {h.name!r} have no usable config ({h.config!r})")
-    check_target("Medusa", h.config, target)
-    _check_shapes("Medusa", h.params, param_shapes_medusa(h.config))
+    h.check_target("Medusa", target)
+    h.check_shapes(param_shapes_medusa(h.config))
     params = jax.tree.map(lambda x: jnp.asarray(x, target.dtype), h.params)
     return MedusaSpec(k=self.k, target=target.config, head=h.config, tree=self.tree), params
+
+  @classmethod
+  def from_cli(cls, arg: str, k: int, tree: int | None) -> "Medusa":
+    if not arg:
+      raise ValueError("--drafter medusa needs a checkpoint, e.g. medusa:runs/medusa (made by "
+                       "jaxspec train-drafter --kind medusa)")
+    return cls(arg, k=k, tree=registry.dynamic_tree(tree, k))

@@ -17,7 +17,8 @@ import numpy as np
 from jaxspec.models import Model
 from jaxspec.trees import Static
 
-from .base import DrafterSpec, Round, check_k, check_tree, last_tokens
+from . import registry
+from .base import Drafter, DrafterSpec, Proposal, Round, check_int, last_tokens
 
 
 def _match_scores(seq, n, max_ngram: int):
@@ -61,10 +62,12 @@ class NGramSpec(DrafterSpec):
   n: int = 3
 
   def propose(self, params, dstate, r: Round):
-    tokens, _ = lookup(r.seq, r.n, self.n, self.k)
-    return dstate, r.tcache, tokens, None
+    if self.tree is None:
+      tokens, _ = lookup(r.seq, r.n, self.n, self.k)
+      return dstate, Proposal.chain(tokens)
+    return dstate, Proposal.from_tree(self.tree, self._tree(r))
 
-  def propose_tree(self, params, dstate, r: Round):
+  def _tree(self, r: Round):
     """Each root child starts a branch following one match (best first); a node at depth d
     of branch i proposes the d-th token after match i. Extra siblings deeper down repeat
     their branch (duplicates cost nothing: they are never accepted twice)."""
@@ -80,26 +83,33 @@ class NGramSpec(DrafterSpec):
     toks = jnp.where(ok, jnp.take_along_axis(r.seq, jnp.clip(idx, 0, r.seq.shape[1] - 1), 1),
                      last)
     toks = toks.at[:, 0].set(last[:, 0])
-    return dstate, r.tcache, tree.arrays(toks)
+    return tree.arrays(toks)
 
 
+@registry.register("ngram", usage="ngram[:N]",
+                   help="prompt lookup: what followed the last N tokens earlier in the row")
 @dataclasses.dataclass(frozen=True)
-class NGram:
-  """Prompt lookup: propose what followed the last `n` tokens earlier in the row."""
+class NGram(Drafter):
+  """Prompt lookup: propose what followed the last `n` tokens earlier in the row. A tree
+  (`trees.Static`, e.g. `Static.chains(width, length)`) follows a different match per branch."""
 
   n: int = 3
   k: int = 4
   tree: object = None
 
-  def __post_init__(self):
-    check_k(self.k)
-    tree = check_tree(self.tree)
-    if tree is not None and not isinstance(tree, Static):
-      raise ValueError("NGram drafts a Static tree (branches follow different matches); use "
-                       "trees.Static.chains(width, length) or another Static template")
-    object.__setattr__(self, "tree", tree)
-    if not isinstance(self.n, int) or not 1 <= self.n <= 16:
-      raise ValueError(f"NGram n must be an integer in [1, 16], got {self.n!r}")
+  tree_kinds = (Static,)
+
+  def check(self):
+    object.__setattr__(self, "n", check_int("NGram n", self.n, 1, 16))
 
   def bind(self, target: Model):
     return NGramSpec(k=self.k, target=target.config, n=self.n, tree=self.tree), None
+
+  @classmethod
+  def from_cli(cls, arg: str, k: int, tree: int | None) -> "NGram":
+    n = registry.int_arg("ngram:N", arg, "ngram:3") if arg else 3
+    return cls(n=n, k=k, tree=registry.static_tree(tree, k))
+
+  @classmethod
+  def bench_defaults(cls, config) -> list[str]:
+    return ["ngram"]

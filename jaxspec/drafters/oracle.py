@@ -14,15 +14,15 @@ import numpy as np
 
 from jaxspec.models import Model
 
-from .base import DrafterSpec, Round, check_k
+from .base import Drafter, DrafterSpec, Prefill, Proposal, Round
 
 
 @dataclasses.dataclass(frozen=True)
 class OracleSpec(DrafterSpec):
   correct: int = 0
 
-  def init(self, params, tparams, prompt, prompt_lens, cache_size, hidden):
-    return prompt_lens
+  def init(self, params, p: Prefill):
+    return p.prompt_lens
 
   def propose(self, ref, prompt_lens, r: Round):
     b = r.seq.shape[0]
@@ -33,20 +33,22 @@ class OracleSpec(DrafterSpec):
     toks = jnp.take_along_axis(ref, jnp.clip(idx, 0, ref.shape[1] - 1), axis=1)
     wrong = (toks + 1) % self.target.vocab_size
     toks = jnp.where(jnp.arange(self.k)[None, :] < self.correct, toks, wrong)
-    return prompt_lens, r.tcache, toks.astype(jnp.int32), None
+    return prompt_lens, Proposal.chain(toks.astype(jnp.int32))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Oracle:
-  """reference: per row, the target's own continuation (at least max_new_tokens + k long)."""
+class Oracle(Drafter):
+  """reference: per row, the target's own continuation (at least max_new_tokens + k long).
+  Chains only (tree= is an error)."""
 
   reference: list
   k: int = 4
   correct: int | None = None
   tree: object = None
 
-  def __post_init__(self):
-    check_k(self.k)
+  tree_kinds = ()
+
+  def check(self):
     c = self.k if self.correct is None else self.correct
     if not 0 <= c <= self.k:
       raise ValueError(f"Oracle correct must be in [0, k={self.k}], got {c}")

@@ -18,7 +18,8 @@ import numpy as np
 from jaxspec.models import Model, head
 from jaxspec.trees import Static
 
-from .base import DrafterSpec, Round, check_tree, last_tokens
+from . import registry
+from .base import Accepted, Drafter, DrafterSpec, Prefill, Proposal, Round, check_int, last_tokens
 
 DEFAULT_TREE = Static.from_branching((4, 2, 2, 1))
 
@@ -34,16 +35,15 @@ def _refresh(table, tokens, logits, m, valid=None):
 @dataclasses.dataclass(frozen=True)
 class RecyclingSpec(DrafterSpec):
   m: int = 8
-  observes_logits: bool = True
 
-  def init(self, params, tparams, prompt, prompt_lens, cache_size, hidden):
-    b, p = prompt.shape
+  def init(self, params, p: Prefill):
+    b, length = p.prompt.shape
     table = jnp.zeros((b, self.target.vocab_size, self.m), jnp.int32)
-    logits = head(tparams, self.target, hidden)  # [B, P, V]: the prefill's own predictions
-    valid = jnp.arange(p)[None, :] < prompt_lens[:, None]
-    return _refresh(table, prompt, logits, self.m, valid)
+    logits = head(p.tparams, self.target, p.hidden)  # [B, P, V]: the prefill's own predictions
+    valid = jnp.arange(length)[None, :] < p.prompt_lens[:, None]
+    return _refresh(table, p.prompt, logits, self.m, valid)
 
-  def propose_tree(self, params, table, r: Round):
+  def propose(self, params, table, r: Round):
     tree = self.tree
     rows = jnp.arange(table.shape[0])[:, None]
     parents, ranks = np.asarray(tree.parents), np.asarray(tree.ranks)
@@ -53,29 +53,42 @@ class RecyclingSpec(DrafterSpec):
       known = jnp.concatenate(cols, axis=1)  # tokens of every node before level d
       par_tok = known[:, parents[s:e]]  # [B, e - s]
       cols.append(table[rows, par_tok, jnp.asarray(ranks[s:e])[None, :]])
-    return table, r.tcache, tree.arrays(jnp.concatenate(cols, axis=1))
+    return table, Proposal.from_tree(tree, tree.arrays(jnp.concatenate(cols, axis=1)))
 
-  def observe(self, params, table, tokens, logits):
-    return _refresh(table, tokens, logits, self.m)
+  def commit(self, params, table, r: Round, a: Accepted):
+    return _refresh(table, a.tokens, a.logits, self.m)  # learn from every verified position
 
 
+@registry.register("recycling", help="Token Recycling: a static tree from each token's likely "
+                   "successors, learned from every verify pass")
 @dataclasses.dataclass(frozen=True)
-class Recycling:
+class Recycling(Drafter):
   """Token Recycling. `tree`: a Static template (default 1+4+8+16+16 nodes); `m`: candidates
   kept per token (must cover the tree's widest branching)."""
 
   tree: object = None
   m: int = 8
 
-  def __post_init__(self):
-    tree = check_tree(self.tree) if self.tree is not None else DEFAULT_TREE
-    if not isinstance(tree, Static):
-      raise ValueError("Recycling expands a Static tree template (see jaxspec.trees.Static)")
-    if not isinstance(self.m, int) or self.m < tree.max_children:
-      raise ValueError(f"Recycling m={self.m} must be an int >= the tree's widest branching "
+  tree_kinds = (Static,)
+  drafts_chains = False  # always a tree
+
+  def check(self):
+    tree = self.tree if self.tree is not None else DEFAULT_TREE
+    m = check_int("Recycling m", self.m, 1)
+    if m < tree.max_children:
+      raise ValueError(f"Recycling m={m} must be an int >= the tree's widest branching "
                        f"({tree.max_children})")
     object.__setattr__(self, "tree", tree)
+    object.__setattr__(self, "m", m)
 
   def bind(self, target: Model):
     return RecyclingSpec(k=self.tree.max_depth, target=target.config, tree=self.tree,
                          m=self.m), None
+
+  @classmethod
+  def from_cli(cls, arg: str, k: int, tree: int | None) -> "Recycling":
+    return cls(tree=registry.static_tree(tree, k, acceptance=True))
+
+  @classmethod
+  def bench_defaults(cls, config) -> list[str]:
+    return ["recycling"]

@@ -161,7 +161,7 @@ def _fingerprint(prompts) -> str:
 def build(model, prompts: list[list[int]], folder: str, *, seq_len: int, samples: int,
           temperature: float, seed: int, gen_batch: int = 32, progress: bool = True) -> Dataset:
   """Generates (or reuses) the self-distillation set for `prompts` in `folder`."""
-  import jaxspec
+  from jaxspec.api import generate
   from tqdm.auto import tqdm
 
   c = model.config
@@ -193,8 +193,8 @@ def build(model, prompts: list[list[int]], folder: str, *, seq_len: int, samples
     chunk = prompts[i:i + gen_batch]
     temp = 0.0 if s == 0 else temperature
     padded = chunk + [chunk[0]] * (gen_batch - len(chunk))  # one batch shape: one compile
-    out = jaxspec.generate(model, padded, max_new_tokens=max_new, temperature=temp,
-                           seed=seed * 1000003 + s * 7919 + i)
+    out = generate(model, padded, max_new_tokens=max_new, temperature=temp,
+                   seed=seed * 1000003 + s * 7919 + i)
     for p, new in zip(chunk, out.tokens):
       seq = (p + new)[:seq_len]
       tokens[row, :len(seq)] = seq

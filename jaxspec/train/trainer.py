@@ -130,9 +130,9 @@ def _write_json(path: str, obj) -> None:
 
 def held_out_tau(obj, model: Model, params, prompts, *, k: int, max_new_tokens: int) -> float:
   """Greedy tau of the current drafter on held-out prompts, measured by the real engine."""
-  import jaxspec
-  out = jaxspec.generate(model, prompts, drafter=obj.drafter(model, params, k),
-                         max_new_tokens=max_new_tokens, stop_tokens=())
+  from jaxspec.api import generate
+  out = generate(model, prompts, drafter=obj.drafter(model, params, k),
+                 max_new_tokens=max_new_tokens, stop_tokens=())
   return float(out.stats.mean_accepted)
 
 

@@ -1,0 +1,160 @@
+"""Drafter families by name: what the command line, `jaxspec bench` and the perf tools use.
+
+Each family registers itself once, in its own file, with a decorator on its user-facing class:
+
+    @registry.register("ngram", usage="ngram[:N]", help="prompt lookup over the row's context")
+    @dataclasses.dataclass(frozen=True)
+    class NGram(Drafter):
+      ...
+      @classmethod
+      def from_cli(cls, arg: str, k: int, tree: int | None) -> "NGram": ...
+
+`from_cli` builds the drafter from the text after the colon (`ngram:3` -> "3"), the draft
+length `--k` and the `--tree` node budget (None: a chain). An optional `bench_defaults(config)`
+classmethod names the specs `jaxspec bench` runs for this family when `--drafters` is not
+given. Nothing else in jaxspec needs to know the family exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+# Typical acceptance rates of a drafter's rank-r candidate (rank 0 = its top guess), used to
+# shape static trees from a node budget (best-first, see trees.Static.from_acceptance).
+RANK_ACCEPTANCE = (0.6, 0.15, 0.08, 0.05)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  name: str  # the command-line name: `--drafter NAME[:ARG]`
+  cls: type  # the user-facing Drafter class
+  usage: str  # e.g. "early-exit:L"
+  help: str
+  aliases: tuple[str, ...] = ()
+
+  @property
+  def chains(self) -> bool:
+    """Whether the family drafts chains (False: it always drafts a tree)."""
+    return getattr(self.cls, "drafts_chains", True)
+
+  @property
+  def trees(self) -> bool:
+    return bool(self.cls.tree_kinds)
+
+  def build(self, arg: str, k: int, tree: int | None):
+    return self.cls.from_cli(arg, k, tree)
+
+  def bench_defaults(self, config) -> list[str]:
+    fn: Callable | None = getattr(self.cls, "bench_defaults", None)
+    return list(fn(config)) if fn is not None else []
+
+
+_ENTRIES: dict[str, Entry] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register(name: str, *, usage: str | None = None, help: str = "",
+             aliases: tuple[str, ...] = ()):
+  """Class decorator: registers a Drafter subclass under `name` (and `aliases`)."""
+
+  def wrap(cls):
+    if not callable(getattr(cls, "from_cli", None)):
+      raise TypeError(f"{cls.__name__} needs a classmethod from_cli(arg, k, tree) to be "
+                      f"registered")
+    for n in (name, *aliases):
+      owner = _ALIASES.get(n)
+      if owner is not None and _ENTRIES[owner].cls.__qualname__ != cls.__qualname__:
+        raise ValueError(f"drafter name {n!r} is already registered by "
+                         f"{_ENTRIES[owner].cls.__name__}")
+    _ENTRIES[name] = Entry(name=name, cls=cls, usage=usage or name, help=help,
+                           aliases=tuple(aliases))
+    for n in (name, *aliases):
+      _ALIASES[n] = name
+    return cls
+
+  return wrap
+
+
+def unregister(name: str) -> None:
+  entry = _ENTRIES.pop(name)
+  for n in (entry.name, *entry.aliases):
+    _ALIASES.pop(n, None)
+
+
+def entries() -> list[Entry]:
+  return list(_ENTRIES.values())
+
+
+def get(name: str, spec: str | None = None) -> Entry:
+  if name not in _ALIASES:
+    raise ValueError(f"unknown drafter {spec or name!r} ({usage()})")
+  return _ENTRIES[_ALIASES[name]]
+
+
+def usage() -> str:
+  return ", ".join(["none"] + [e.usage for e in _ENTRIES.values()])
+
+
+def parse(spec: str | None, k: int = 4, tree: int | None = None):
+  """'ngram[:N]' | 'early-exit:L' | 'draft:SRC' | ... -> a drafter (None for 'none')."""
+  if spec is None or spec == "none":
+    return None
+  name, _, arg = spec.partition(":")
+  return get(name, spec).build(arg, k, tree)
+
+
+def bench_defaults(config) -> list[str]:
+  """The drafter specs `jaxspec bench` runs when `--drafters` is not given."""
+  return [s for e in _ENTRIES.values() for s in e.bench_defaults(config)]
+
+
+def methods(specs: list[str], k: int, tree: int | None) -> list[tuple[str, object]]:
+  """(label, drafter) benchmark rows for drafter specs: each family's chain and, given a node
+  budget (or for families that only draft trees), its tree. 'none' is skipped."""
+  out = []
+  for spec in specs:
+    if spec == "none":
+      continue
+    entry = get(spec.partition(":")[0], spec)
+    if entry.chains:
+      out.append((f"{spec} k={k}", parse(spec, k)))
+    if (tree and entry.trees) or not entry.chains:
+      d = parse(spec, k, tree)
+      out.append((f"{spec} tree={d.tree.n_nodes}", d))
+  return out
+
+
+# ------------------------------------------------------------- helpers for from_cli methods
+
+
+def int_arg(what: str, arg: str, example: str) -> int:
+  try:
+    return int(arg)
+  except ValueError:
+    raise ValueError(f"--drafter {what} needs an integer, got {arg!r} (e.g. {example})") from None
+
+
+def static_tree(nodes: int | None, k: int, acceptance: bool = False):
+  """A --tree node budget -> a Static template (model-free drafters need a fixed topology):
+  one chain of k per n-gram match, or (acceptance=True) the best tree under typical per-rank
+  acceptance rates."""
+  from jaxspec import trees
+
+  if nodes is None or not isinstance(nodes, int):
+    return nodes
+  if acceptance:
+    return trees.Static.from_acceptance(RANK_ACCEPTANCE, nodes=nodes)
+  return trees.Static.chains(max(1, (nodes - 1) // k), k)
+
+
+def dynamic_tree(nodes: int | None, k: int):
+  """A --tree node budget -> an EAGLE-2 dynamic tree as deep as the draft length k (beam 4)."""
+  from jaxspec import trees
+
+  if nodes is None or not isinstance(nodes, int):
+    return nodes
+  try:
+    return trees.Dynamic(nodes=nodes, topk=4, depth=k)
+  except ValueError as e:
+    raise ValueError(f"--tree {nodes} with --k {k}: {e}") from None

@@ -1,0 +1,195 @@
+"""One generation session on the compiled engine: plan, start, run rounds, fetch.
+
+`generate`, `stream` and the adaptive policy all drive the engine through these functions:
+
+    plan = prepare(model, prompts, drafter=..., max_new_tokens=..., ...)  # validate, pad, bucket
+    state, compile_s = start(model, plan)           # the compiled prefill
+    state, compile_s = run_rounds(model, plan, state, max_rounds)   # the compiled loop
+    seq, n = fetch((state.seq, state.n))            # device -> host once
+
+Every shape is fixed by the plan (batch bucket, prompt bucket, buffer length), so another
+prompt in the same buckets, another `max_new_tokens` that fits the same buffer bucket, other
+sampling values or another seed never recompile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxspec import engine, sampling
+from jaxspec.drafters.base import Drafter, NoDraft
+from jaxspec.models import Model
+
+PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+BUF_ALIGN = 128
+
+
+def bucket(n: int, buckets: Sequence[int] = PROMPT_BUCKETS) -> int:
+  for b in buckets:
+    if n <= b:
+      return b
+  return -(-n // buckets[-1]) * buckets[-1]
+
+
+def batch_bucket(b: int) -> int:
+  return 1 << (b - 1).bit_length() if b > 1 else 1
+
+
+def encode_prompts(model: Model, prompts) -> list[list[int]]:
+  if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+    raise TypeError("prompts must be a list of strings or a list of token-id lists "
+                    "(wrap a single prompt in a list)")
+  if len(prompts) == 0:
+    raise ValueError("prompts is empty: pass at least one prompt")
+  out = []
+  for i, p in enumerate(prompts):
+    if isinstance(p, str):
+      if model.tokenizer is None:
+        raise ValueError(f"{model.name!r} has no tokenizer: pass token ids instead of text")
+      ids = model.tokenizer.encode(p)
+    elif isinstance(p, (list, tuple, np.ndarray)):
+      ids = [int(t) for t in p]
+    else:
+      raise TypeError(f"prompt {i} must be a str or a list of token ids, got {type(p).__name__}")
+    if not ids:
+      raise ValueError(f"prompt {i} is empty (no tokens); a prompt needs at least one token")
+    bad = [t for t in ids if not 0 <= t < model.config.vocab_size]
+    if bad:
+      raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, "
+                       f"{model.config.vocab_size}): {bad[:5]}")
+    out.append(ids)
+  return out
+
+
+def stop_array(model: Model, stop_tokens, batch: int) -> np.ndarray:
+  if stop_tokens is None:
+    rows = [list(model.tokenizer.eos_ids) if model.tokenizer else []] * batch
+  elif len(stop_tokens) and all(isinstance(s, (list, tuple)) for s in stop_tokens):
+    if len(stop_tokens) != batch:
+      raise ValueError(f"per-row stop_tokens has {len(stop_tokens)} rows for {batch} prompts")
+    rows = [list(s) for s in stop_tokens]
+  else:
+    rows = [list(stop_tokens)] * batch
+  arr = np.full((batch, engine.MAX_STOP), -1, np.int32)
+  for i, r in enumerate(rows):
+    if len(r) > engine.MAX_STOP:
+      raise ValueError(f"at most {engine.MAX_STOP} stop tokens per row, got {len(r)}")
+    for t in r:
+      if not isinstance(t, (int, np.integer)) or not 0 <= t < model.config.vocab_size:
+        raise ValueError(f"stop token {t!r} is not a token id in [0, {model.config.vocab_size})")
+    arr[i, :len(r)] = r
+  return arr
+
+
+@dataclasses.dataclass
+class Plan:
+  """Everything fixed for one call: the program spec, padded inputs, traced values."""
+
+  spec: engine.EngineSpec
+  dparams: object
+  prompt: np.ndarray
+  lens: np.ndarray
+  live: np.ndarray
+  inputs: engine.Inputs
+  key: jax.Array
+  batch: int
+  max_new: int
+  mesh: object = None
+
+
+def prepare(model: Model, prompts, *, drafter=None, max_new_tokens: int = 128,
+            temperature: float = 0.0, top_k=None, top_p=None, seed: int = 0, stop_tokens=None,
+            mesh=None) -> Plan:
+  """Validates every argument, tokenizes and pads the prompts, binds the drafter and fixes the
+  program's shapes (batch and prompt buckets, buffer length)."""
+  if not isinstance(model, Model):
+    raise TypeError(f"model must be a jaxspec Model (from jaxspec.load_model), got "
+                    f"{type(model).__name__}")
+  if mesh is not None:
+    from jaxspec import sharding
+    sharding.check_divisible(model.config, mesh)
+  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+  mode, sp = sampling.make(temperature, top_k, top_p)
+  ids = encode_prompts(model, prompts)
+  b = len(ids)
+  longest = max(len(x) for x in ids)
+  ctx = model.config.max_seq_len
+  if longest > ctx:
+    raise ValueError(f"prompt of {longest} tokens is longer than the model's context of {ctx}")
+  if longest + max_new_tokens > ctx:
+    raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                     f"model's context of {ctx} tokens; lower max_new_tokens to at most "
+                     f"{ctx - longest}")
+  if drafter is None:
+    dspec, dparams = NoDraft(k=0, target=model.config), None
+  else:
+    if not isinstance(drafter, Drafter):
+      raise TypeError(f"drafter must be a jaxspec drafter (jaxspec.drafters.*), got "
+                      f"{type(drafter).__name__}")
+    dspec, dparams = drafter.bind(model)
+  dspec = dspec.with_mode(mode)
+  p = bucket(longest)
+  bb = batch_bucket(b)
+  if mesh is not None:  # rows split evenly over the data axis
+    data = mesh.shape.get("data", 1)
+    bb = -(-bb // data) * data
+  buf = -(-(p + max_new_tokens + dspec.footprint + 1) // BUF_ALIGN) * BUF_ALIGN
+  prompt = np.zeros((bb, p), np.int32)
+  lens = np.ones((bb,), np.int32)
+  for i, x in enumerate(ids):
+    prompt[i, :len(x)] = x
+    lens[i] = len(x)
+  live = np.arange(bb) < b
+  stop = stop_array(model, stop_tokens, b)
+  stop = np.concatenate([stop, np.full((bb - b, engine.MAX_STOP), -1, np.int32)])
+  spec = engine.EngineSpec(target=model.config, drafter=dspec, batch=bb, prompt_len=p,
+                           buf_len=buf)
+  inputs = engine.Inputs(sp=sp, max_new=jnp.asarray(max_new_tokens, jnp.int32),
+                         stop=jnp.asarray(stop))
+  return Plan(spec, dparams, prompt, lens, live, inputs, jax.random.key(seed), b,
+              int(max_new_tokens), mesh)
+
+
+def start(model: Model, pr: Plan, programs: engine.Programs | None = None):
+  """The compiled prefill: (loop state, compile seconds; 0.0 when cached)."""
+  args = (model.params, pr.dparams, jnp.asarray(pr.prompt), jnp.asarray(pr.lens),
+          jnp.asarray(pr.live), pr.inputs, pr.key)
+  exe, c1 = engine.compiled("prefill", pr.spec, *args, mesh=pr.mesh, programs=programs)
+  state = exe(*args)
+  return state, c1
+
+
+def run_rounds(model: Model, pr: Plan, state, max_rounds: int,
+               programs: engine.Programs | None = None):
+  """Up to `max_rounds` rounds of the compiled loop (fewer when every row is done):
+  (state, compile seconds). The state passed in is donated."""
+  args = (model.params, pr.dparams, pr.inputs, state, jnp.asarray(max_rounds, jnp.int32))
+  exe, c = engine.compiled("run", pr.spec, *args, mesh=pr.mesh, programs=programs)
+  return exe(*args), c
+
+
+def fetch(tree):
+  """Device -> host once; across processes, gathers the rows every process needs."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
+                        tree)
+  return jax.device_get(tree)
+
+
+def check_finite(model: Model, bad) -> None:
+  """Raises instead of returning tokens drawn from NaN/inf logits."""
+  rows = [int(i) for i in np.flatnonzero(bad)]
+  if rows:
+    raise FloatingPointError(
+        f"{model.name!r} produced non-finite logits (NaN or inf) for prompt row(s) {rows}; its "
+        f"weights or activations are broken (a corrupt checkpoint, or float16 overflow: try "
+        f"dtype='float32' or 'bfloat16'), so no tokens are returned")
+
+
