@@ -62,19 +62,21 @@ def install() -> None:
   _installed = True
 
 
-def _note(signum: int) -> bool:
-  """Records the signal; True if it is the first."""
+def _note(signum: int) -> None:
   global _requested
   if _requested is None:
     _requested = signum
-    return True
-  return False
+
+
+_handled = 0  # signals seen by _on_signal (each one also reaches the watcher, which counts its own)
 
 
 def _on_signal(signum, frame) -> None:
   """Runs in the main thread between bytecodes (never while it waits in C++)."""
-  first = _note(signum)
-  if not _graceful or not first:
+  global _handled
+  _note(signum)
+  _handled += 1
+  if not _graceful or _handled > 1:
     exit_now(signum)
   # graceful: the next check() raises KeyboardInterrupt; the watcher enforces GRACE_S.
 
@@ -90,8 +92,8 @@ def _watch(fd: int) -> None:
     for signum in os.read(fd, 64):
       if signum not in EXITS:
         continue
-      first = _note(signum)
-      if not _graceful or not first or deadline is not None:
+      _note(signum)
+      if not _graceful or deadline is not None:  # nothing to save, or a second signal
         exit_now(signum)
       sig, deadline = signum, time.monotonic() + GRACE_S
 
@@ -123,11 +125,12 @@ def _progress_bar_open() -> bool:
 
 
 def _flush_stdout() -> None:
-  """Flushes what was printed, without hanging on a stalled pipe or a lock held by the thread
+  """Flushes what was printed (stdout and stderr), without hanging on a stalled pipe or a lock held by the thread
   we interrupted."""
   def flush():
-    with contextlib.suppress(Exception):
-      sys.stdout.flush()
+    for f in (sys.stdout, sys.stderr):
+      with contextlib.suppress(Exception):
+        f.flush()
   t = threading.Thread(target=flush, daemon=True)
   t.start()
   t.join(0.5)

@@ -248,7 +248,33 @@ def test_cli_ctrl_c_bench_and_train_drafter(tmp_path):
   train = lambda i: ["train-drafter", "--kind", "eagle", "--out", str(tmp_path / f"run{i}"),
                      "--steps", "300", "--num-prompts", "8", "--samples-per-prompt", "1",
                      "--seq-len", "32", "--batch-size", "4", "--eval-every", "0"]
-  _assert_one_line(_signal_runs(train, [0.5, 3.0, 8.0, 14.0]), alone=False)
+  _assert_one_line(_signal_runs(train, [0.5, 4.0, 9.0]), alone=False)
+
+
+def test_cli_ctrl_c_in_the_training_loop_saves_first(tmp_path):
+  """Once steps run: Ctrl-C stops at the next step, saves a checkpoint, prints the line after
+  the progress bar and exits 130."""
+  import threading
+  out = tmp_path / "run"
+  argv = [JAXSPEC, "train-drafter", "--kind", "eagle", "--out", str(out), "--steps", "5000",
+          "--num-prompts", "8", "--samples-per-prompt", "1", "--seq-len", "32",
+          "--batch-size", "4", "--eval-every", "0"]
+  p = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  chunks = []
+  reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: p.stderr.read1(4096), b"")))
+  reader.start()
+  deadline = time.monotonic() + 120
+  while b"/5000 [" not in b"".join(chunks) or b"loss=" not in b"".join(chunks):
+    assert time.monotonic() < deadline and p.poll() is None, b"".join(chunks)[-2000:]
+    time.sleep(0.2)
+  p.send_signal(signal.SIGINT)
+  p.wait(timeout=60)
+  reader.join()
+  err = b"".join(chunks).decode(errors="replace")
+  _assert_one_line([(0, p.returncode, err)], alone=False)
+  saved = [int(x) for x in os.listdir(out / "state") if x.isdigit()]
+  assert saved and max(saved) >= 1 and (out / "train_config.json").exists(), saved
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,3 +336,64 @@ def test_nan_weights_rejected_at_load_orbax_and_llama2c(tmp_path):
   (tmp_path / "nan.bin").write_bytes(bytes(data))
   with pytest.raises(ValueError, match=r"nan.bin: tensor 'embed' holds NaN .* index \(1, 36\)"):
     jaxspec.load_model(str(tmp_path / "nan.bin"))
+
+
+# ----------------------------------------------------------------------------------------------
+# train-drafter: everything validated before any work, nothing written for a run that never
+# started, command-line wording, "resuming from step N"
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(kind="medusa", k=0), r"k must be an integer in \[1, 64\], got 0"),
+    (dict(lr=float("nan")), "lr must be a finite number > 0, got nan"),
+    (dict(lr=0), "lr must be a finite number > 0"),
+    (dict(steps=True), "steps must be a positive integer, got True"),
+    (dict(batch_size=0), "batch_size must be a positive integer"),
+    (dict(seq_len=1), "seq_len must be an integer >= 2"),
+    (dict(seq_len=10**6), "exceeds the model's context"),
+    (dict(seed=2**40), r"seed must be an integer in \[0, 2\*\*32\)"),
+    (dict(eval_every=-1), "eval_every must be an integer >= 0 or None"),
+    (dict(temperature=-1.0), "temperature must be a finite number >= 0"),
+    (dict(clip=float("inf")), "clip must be a finite number > 0"),
+    (dict(num_prompts=0), "num_prompts must be a positive integer or None"),
+    (dict(kind="lookahead"), "unknown drafter kind"),
+    (dict(data="/no/such/prompts.jsonl"), "training data file not found"),
+    (dict(resume="yes"), "resume must be True or False"),
+])
+def test_train_drafter_validates_before_any_work(stories, tmp_path, kw, match):
+  out = tmp_path / "run"
+  t0 = time.perf_counter()
+  with pytest.raises((ValueError, OSError), match=match):
+    jaxspec.train.train_drafter(stories, **{"kind": "eagle", "out_dir": str(out), "steps": 5,
+                                            **kw})
+  assert time.perf_counter() - t0 < 5  # no data generation, no compile
+  assert not out.exists()  # nothing recorded for a run that never started
+
+
+def test_cli_train_drafter_names_flags_and_writes_nothing(tmp_path, capsys):
+  from jaxspec.cli import main
+  out = tmp_path / "run"
+  for argv, match in [(["--kind", "medusa", "--k", "0"], "--k must be an integer in [1, 64]"),
+                      (["--kind", "eagle", "--lr", "nan"], "--lr must be a finite number > 0"),
+                      (["--kind", "eagle", "--batch-size", "0"], "--batch-size must be a positive"),
+                      (["--kind", "eagle", "--data", "/nonexistent.jsonl"], "not found")]:
+    assert main(["train-drafter", "--out", str(out), "--steps", "5", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jaxspec: error: ") and err.count("\n") == 1 and match in err, err
+    assert not out.exists()
+  # A directory holding another run: the advice names the flags, not the Python arguments.
+  out.mkdir()
+  (out / "train_config.json").write_text(json.dumps({"kind": "eagle", "lr": 1.0}))
+  assert main(["train-drafter", "--out", str(out), "--kind", "eagle", "--steps", "5"]) == 2
+  err = capsys.readouterr().err
+  assert "--no-resume" in err and "--lr" in err and "new --out" in err, err
+  assert "resume=False" not in err and "out_dir" not in err, err
+
+
+def test_train_drafter_says_it_resumes(stories, tmp_path, capsys):
+  kw = dict(kind="eagle", out_dir=str(tmp_path / "run"), steps=2, batch_size=2, seq_len=16,
+            num_prompts=4, samples_per_prompt=1, eval_prompts=0, progress=True)
+  jaxspec.train.train_drafter(stories, **kw)
+  assert "resuming" not in capsys.readouterr().err
+  jaxspec.train.train_drafter(stories, **kw)
+  assert "resuming from step 2\n" in capsys.readouterr().err

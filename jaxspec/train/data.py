@@ -194,7 +194,7 @@ def build(model, prompts: list[list[int]], folder: str, *, seq_len: int, samples
     temp = 0.0 if s == 0 else temperature
     padded = chunk + [chunk[0]] * (gen_batch - len(chunk))  # one batch shape: one compile
     out = generate(model, padded, max_new_tokens=max_new, temperature=temp,
-                   seed=seed * 1000003 + s * 7919 + i)
+                   seed=(seed * 1000003 + s * 7919 + i) % 2**32)  # jax reduced it so
     for p, new in zip(chunk, out.tokens):
       seq = (p + new)[:seq_len]
       tokens[row, :len(seq)] = seq

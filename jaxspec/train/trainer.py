@@ -9,6 +9,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from typing import Any, Callable
 
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxspec import interrupt, validate
 from jaxspec.models import Model
 
 from . import data as data_lib
@@ -132,11 +134,83 @@ def held_out_tau(obj, model: Model, params, prompts, *, k: int, max_new_tokens: 
   """Greedy tau of the current drafter on held-out prompts, measured by the real engine."""
   from jaxspec.api import generate
   out = generate(model, prompts, drafter=obj.drafter(model, params, k),
-                 max_new_tokens=max_new_tokens, stop_tokens=())
+                         max_new_tokens=max_new_tokens, stop_tokens=())
   return float(out.stats.mean_accepted)
 
 
 # ------------------------------------------------------------------------------------ train
+
+KINDS = ("eagle", "medusa", "distill")
+# train_drafter's arguments that `jaxspec train-drafter` sets, by their command-line flags: the
+# command prints errors about them with the flag (`--batch-size`, not `batch_size`).
+FLAGS = {"kind": "--kind", "out_dir": "--out", "steps": "--steps", "data": "--data", "k": "--k",
+         "batch_size": "--batch-size", "seq_len": "--seq-len", "lr": "--lr", "seed": "--seed",
+         "eval_every": "--eval-every", "layers": "--layers", "num_prompts": "--num-prompts",
+         "samples_per_prompt": "--samples-per-prompt", "model": "--model"}
+
+
+def _bad(name: str, rule: str, value) -> ValueError:
+  e = ValueError(f"{name} must be {rule}, got {validate.got(value)}")
+  if name in FLAGS:
+    e.cli_message = f"{FLAGS[name]} must be {rule}, got {value!r}"
+  return e
+
+
+def _check_arguments(model: Model, a: dict) -> None:
+  """Every argument, before any work or any file is written (a bad --lr used to fail at step 3
+  after a minute of data generation, medusa --k 0 after 40 s)."""
+  if not isinstance(model, Model):
+    raise TypeError(f"model must be a jaxspec Model, got {type(model).__name__}")
+  if a["kind"] not in KINDS:
+    raise ValueError(f"unknown drafter kind {a['kind']!r}: expected 'eagle', 'medusa' or "
+                     f"'distill'")
+  ints = {"steps": 1, "batch_size": 1, "seq_len": 2, "samples_per_prompt": 1, "eval_tokens": 1,
+          "eval_prompts": 0}
+  optional_ints = {"eval_every": 0, "layers": 1, "warmup": 0, "num_prompts": 1, "save_every": 1}
+  for name, low in list(ints.items()) + list(optional_ints.items()):
+    v = a[name]
+    if v is None and name in optional_ints:
+      continue
+    if not validate.is_int(v) or v < low:
+      rule = "a positive integer" if low == 1 else f"an integer >= {low}"
+      raise _bad(name, rule + (" or None" if name in optional_ints else ""), v)
+  if not validate.is_int(a["k"]) or not 1 <= a["k"] <= 64:
+    raise _bad("k", "an integer in [1, 64]", a["k"])
+  for name, positive in (("lr", True), ("clip", True), ("weight_decay", False),
+                         ("temperature", False)):
+    v = a[name]
+    if not validate.is_real(v) or not math.isfinite(v) or v < 0 or (positive and v == 0):
+      raise _bad(name, "a finite number " + ("> 0" if positive else ">= 0"), v)
+  try:
+    validate.seed(a["seed"])
+  except ValueError:
+    raise _bad("seed", "an integer in [0, 2**32)", a["seed"]) from None
+  if a["data"] is not None and not isinstance(a["data"], (str, os.PathLike)):
+    raise _bad("data", "a file path or None", a["data"])
+  if not isinstance(a["out_dir"], (str, os.PathLike)):
+    raise _bad("out_dir", "a directory path", a["out_dir"])
+  for name in ("progress", "resume"):
+    validate.flag(name, a[name])
+  if a["callback"] is not None and not callable(a["callback"]):
+    raise _bad("callback", "a function or None", a["callback"])
+  if a["seq_len"] > model.config.max_seq_len:
+    e = ValueError(f"seq_len={a['seq_len']} exceeds the model's context "
+                   f"({model.config.max_seq_len})")
+    e.cli_message = f"--seq-len {a['seq_len']} exceeds the model's context " \
+                    f"({model.config.max_seq_len})"
+    raise e
+
+
+def _settings_mismatch(out_dir: str, diff: list, old: dict, new: dict) -> ValueError:
+  there, now = [old.get(d) for d in diff], [new.get(d) for d in diff]
+  e = ValueError(f"{out_dir} holds a run with other settings ({', '.join(diff)}: {there} there, "
+                 f"{now} now); use the same settings to resume, resume=False to start over, or "
+                 f"a new out_dir")
+  flags = [FLAGS.get(d, d) for d in diff]
+  e.cli_message = (f"{out_dir} holds a run with other settings ({', '.join(flags)}: {there} "
+                   f"there, {now} now); pass the same settings to resume, --no-resume to start "
+                   f"over, or a new --out")
+  return e
 
 
 def train_drafter(model: Model, *, kind: str = "eagle", out_dir: str, steps: int, data: str | None = None,
@@ -173,13 +247,13 @@ def train_drafter(model: Model, *, kind: str = "eagle", out_dir: str, steps: int
   """
   from tqdm.auto import tqdm
 
-  if not isinstance(model, Model):
-    raise TypeError(f"model must be a jaxspec Model, got {type(model).__name__}")
-  for name, v in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len)):
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-      raise ValueError(f"{name} must be a positive integer, got {v!r}")
-  if seq_len > model.config.max_seq_len:
-    raise ValueError(f"seq_len={seq_len} exceeds the model's context ({model.config.max_seq_len})")
+  _check_arguments(model, dict(
+      kind=kind, out_dir=out_dir, steps=steps, data=data, k=k, batch_size=batch_size,
+      seq_len=seq_len, lr=lr, seed=seed, eval_every=eval_every, progress=progress, resume=resume,
+      layers=layers, warmup=warmup, weight_decay=weight_decay, clip=clip, num_prompts=num_prompts,
+      samples_per_prompt=samples_per_prompt, temperature=temperature, eval_prompts=eval_prompts,
+      eval_tokens=eval_tokens, save_every=save_every, callback=callback))
+  steps, batch_size, seq_len, k, seed = int(steps), int(batch_size), int(seq_len), int(k), int(seed)
   obj = objectives.make(kind, model, k=k, layers=layers, **objective_options)
   warmup = max(1, steps // 20) if warmup is None else warmup
   hyper = Hyper(steps=steps, lr=float(lr), warmup=int(warmup), weight_decay=float(weight_decay),
@@ -190,7 +264,6 @@ def train_drafter(model: Model, *, kind: str = "eagle", out_dir: str, steps: int
     save_every = max(1, min(500, steps // 5))
 
   out_dir = os.path.abspath(os.fspath(out_dir))
-  os.makedirs(out_dir, exist_ok=True)
   settings = {"kind": kind, "model": str(model.name), "steps": steps, "data": data, "k": k,
               "batch_size": batch_size, "seq_len": seq_len, "lr": float(lr), "seed": seed,
               "layers": layers, "warmup": hyper.warmup, "weight_decay": hyper.weight_decay,
@@ -205,22 +278,25 @@ def train_drafter(model: Model, *, kind: str = "eagle", out_dir: str, steps: int
       old = json.load(f)
     diff = sorted(key for key in set(old) | set(settings) if old.get(key) != settings.get(key))
     if diff:
-      raise ValueError(f"{out_dir} holds a run with other settings ({', '.join(diff)}: "
-                       f"{[old.get(d) for d in diff]} there, {[settings.get(d) for d in diff]} "
-                       f"now); use the same settings to resume, resume=False to start over, or "
-                       f"a new out_dir")
-  if not resume and os.path.isdir(state_dir):
-    shutil.rmtree(state_dir)
-  _write_json(cfg_file, settings)
+      raise _settings_mismatch(out_dir, diff, old, settings)
 
-  # Data: the target's own generations and features (cached in out_dir/data).
+  # Prompts (the data file is read, every problem reported) before anything is written.
   max_prompt = max(1, seq_len // 2)
   prompts = data_lib.encode_prompts(model, data, max_prompt)
   train_p, held = data_lib.split_prompts(prompts, seed=seed, n_train=num_prompts,
                                          n_eval=eval_prompts)
+
+  # Data: the target's own generations and features (cached in out_dir/data; its meta.json,
+  # written last, marks a complete set, so an interrupted build is simply redone).
+  os.makedirs(out_dir, exist_ok=True)
   ds = data_lib.build(model, train_p, os.path.join(out_dir, DATA_DIR), seq_len=seq_len,
                       samples=samples_per_prompt, temperature=temperature, seed=seed,
                       progress=progress)
+  # The run starts here: only now are its settings recorded (a run that failed or was stopped
+  # before this point leaves nothing that would refuse the next attempt).
+  if not resume and os.path.isdir(state_dir):
+    shutil.rmtree(state_dir)
+  _write_json(cfg_file, settings)
 
   # State: fresh, or the latest checkpoint.
   state = _init_state(obj, hyper, model, seed)
@@ -229,6 +305,8 @@ def train_drafter(model: Model, *, kind: str = "eagle", out_dir: str, steps: int
   hist_file = os.path.join(out_dir, HISTORY_FILE)
   start = ckpts.latest() if resume else None
   if start is not None:
+    if progress:
+      tqdm.write(f"resuming from step {start}", file=sys.stderr)
     state = ckpts.restore(start, state)
     if os.path.exists(hist_file):
       with open(hist_file) as f:
@@ -250,41 +328,45 @@ def train_drafter(model: Model, *, kind: str = "eagle", out_dir: str, steps: int
   bar = tqdm(total=steps, initial=step, desc=f"train {kind}", unit="step", disable=not progress)
   postfix: dict[str, str] = {}
   tau = None
-  try:
-    if step == 0 and eval_every:
-      tau = evaluate()
-      if tau is not None:
-        postfix["tau"] = f"{tau:.2f}"
-        bar.set_postfix(postfix)
-    while step < steps:
-      tokens, lens, feats = ds.batch(seed, step, batch_size)
-      state, metrics = _train_step(obj, hyper, state, model.params, tokens, lens, feats)
-      step += 1
-      if callback is not None or step % 10 == 0 or step == steps or step == 1:
-        m = {key: float(v) for key, v in jax.device_get(metrics).items()}
-        if not all(math.isfinite(v) for v in m.values()):
-          raise FloatingPointError(f"non-finite training metrics at step {step}: {m}")
-        history.append({"step": step, **m})
-        postfix.update(loss=f"{m['loss']:.4f}", acc=f"{m['acc']:.2f}")
-        bar.set_postfix(postfix)
-        if callback is not None:
-          callback(step, m)
-      bar.update(1)
-      if eval_every and step % eval_every == 0 and step < steps:
-        tau = evaluate()
-        postfix["tau"] = f"{tau:.2f}"
-        bar.set_postfix(postfix)
-      if step % save_every == 0:
-        save()
-  except BaseException:
-    # Keep what was done: the state is always that of the last finished step.
+  # Ctrl-C in `jaxspec train-drafter` stops at the next step boundary, saves, then exits 130
+  # (jaxspec.interrupt; a library caller gets KeyboardInterrupt as usual, same saving).
+  with interrupt.graceful():
     try:
-      save()
-    except Exception:  # noqa: BLE001 (the original error matters more)
-      pass
-    ckpts.close()
-    bar.close()
-    raise
+      if step == 0 and eval_every:
+        tau = evaluate()
+        if tau is not None:
+          postfix["tau"] = f"{tau:.2f}"
+          bar.set_postfix(postfix)
+      while step < steps:
+        interrupt.check()
+        tokens, lens, feats = ds.batch(seed, step, batch_size)
+        state, metrics = _train_step(obj, hyper, state, model.params, tokens, lens, feats)
+        step += 1
+        if callback is not None or step % 10 == 0 or step == steps or step == 1:
+          m = {key: float(v) for key, v in jax.device_get(metrics).items()}
+          if not all(math.isfinite(v) for v in m.values()):
+            raise FloatingPointError(f"non-finite training metrics at step {step}: {m}")
+          history.append({"step": step, **m})
+          postfix.update(loss=f"{m['loss']:.4f}", acc=f"{m['acc']:.2f}")
+          bar.set_postfix(postfix)
+          if callback is not None:
+            callback(step, m)
+        bar.update(1)
+        if eval_every and step % eval_every == 0 and step < steps and held:
+          tau = evaluate()
+          postfix["tau"] = f"{tau:.2f}"
+          bar.set_postfix(postfix)
+        if step % save_every == 0:
+          save()
+    except BaseException:
+      # Keep what was done: the state is always that of the last finished step.
+      try:
+        save()
+      except Exception:  # noqa: BLE001 (the original error matters more)
+        pass
+      ckpts.close()
+      bar.close()
+      raise
   if held and not any("tau" in h and h["step"] == steps for h in history):
     tau = evaluate()
     postfix["tau"] = f"{tau:.2f}"
