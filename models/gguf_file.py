@@ -178,6 +178,7 @@ def load(path: str, progress: bool = True) -> tuple[ModelConfig, dict, HFTokeniz
     if int(np.prod(t.shape)) != int(np.prod(shape)):
       raise ValueError(f"{path}: tensor {name} has shape {t.shape}, the config implies {shape}")
     w = dequantize(r, t, path)
+    check_finite(name, w, path)
     if out is None:
       out = np.empty(shape, np.float32)
     if transpose:
