@@ -37,6 +37,7 @@ _installed = False
 _requested: int | None = None  # the first signal received
 _graceful = 0  # > 0 inside graceful() stretches
 _exit_lock = threading.Lock()
+_exiting: int | None = None  # the thread in exit_now
 
 
 def installed() -> bool:
@@ -141,9 +142,13 @@ def exit_now(signum: int | None = None) -> None:
   128 + the signal number, at once (os._exit: no unwinding through XLA)."""
   if signum not in EXITS:
     signum = _requested if _requested in EXITS else signal.SIGINT
-  if not _exit_lock.acquire(blocking=False):  # another thread is already on its way out
-    while True:
+  global _exiting
+  if not _exit_lock.acquire(blocking=False):
+    if _exiting == threading.get_ident():  # a second signal while this thread exits: go on
+      return
+    while True:  # another thread is on its way out
       time.sleep(1)
+  _exiting = threading.get_ident()
   code, word = EXITS[signum]
   _flush_stdout()
   line = ("\n" if _progress_bar_open() else "") + f"jaxspec: {word}\n"

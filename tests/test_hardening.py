@@ -177,9 +177,9 @@ GENERATE = ["generate", "Once upon a time", "--drafter", "early-exit:4", "--max-
             "--no-stream"]
 
 
-def _signal_runs(argv, delays, sig=signal.SIGINT, parallel=4, cwd=None):
-  """Starts `jaxspec argv` once per delay (`parallel` at a time), sends `sig` after each delay;
-  returns (delay, returncode, stderr) for the runs still going when the signal was sent."""
+def _signal_runs(argv, delays, sig=signal.SIGINT, parallel=4, cwd=None, burst=1):
+  """Starts `jaxspec argv` once per delay (`parallel` at a time), sends `sig` after each delay
+  (`burst` times, 3 ms apart: an impatient user); returns (delay, returncode, stderr) for the runs still going when the signal was sent."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
   out = []
   for start in range(0, len(delays), parallel):
@@ -191,8 +191,10 @@ def _signal_runs(argv, delays, sig=signal.SIGINT, parallel=4, cwd=None):
     for p, d in zip(procs, batch):
       time.sleep(max(0.0, t0 + d - time.monotonic()))
       sent.append(p.poll() is None)
-      if sent[-1]:
-        p.send_signal(sig)
+      for _ in range(burst if sent[-1] else 0):
+        if p.poll() is None:
+          p.send_signal(sig)
+          time.sleep(0.003)
     for p, d, was_sent in zip(procs, batch, sent):
       try:
         _, err = p.communicate(timeout=90)
@@ -220,12 +222,13 @@ def _assert_one_line(runs, code=130, word="interrupted", alone=True):
 
 def test_cli_ctrl_c_generate_exits_130_with_one_line():
   """Import (0.3-1.5 s), compile (2-9 s, where 2 in 9 runs used to crash with SIGSEGV or
-  'pure virtual method called') and, on a fast machine, the run: 16 runs, 4 at a time, and two
-  SIGTERMs (exit 143, `jaxspec: terminated`)."""
+  'pure virtual method called') and, on a fast machine, the run: 16 runs, 4 at a time; two
+  SIGTERMs (exit 143, `jaxspec: terminated`) and two bursts of five Ctrl-Cs."""
   delays = [0.3, 0.6, 0.9, 1.2, 1.5, 1.8, 2.2, 2.6, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 7.0, 9.0]
   _assert_one_line(_signal_runs(lambda i: GENERATE, delays))
   _assert_one_line(_signal_runs(lambda i: GENERATE, [1.0, 4.0], sig=signal.SIGTERM),
                    code=143, word="terminated")
+  _assert_one_line(_signal_runs(lambda i: GENERATE, [1.0, 4.0], burst=5))
 
 
 def test_cli_ctrl_c_while_streaming_tokens():
