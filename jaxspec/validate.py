@@ -41,6 +41,14 @@ def got(x) -> str:
   return f"{x!r} ({type(x).__name__})"
 
 
+def _float(x) -> float:
+  """float(x), or NaN for an int too large for a float (10**400)."""
+  try:
+    return float(x)
+  except OverflowError:
+    return float("nan")
+
+
 def positive_int(name: str, x, *, upper: int | None = None) -> int:
   """An integer >= 1 (and <= upper)."""
   if not is_int(x) or x < 1 or (upper is not None and x > upper):
@@ -60,23 +68,24 @@ def rounds_per_chunk(x) -> int:
 
 def temperature(x) -> float:
   """A finite number >= 0 (0 is greedy; see sampling.MIN_TEMPERATURE for tiny ones)."""
-  if not is_real(x) or not math.isfinite(float(x)) or float(x) < 0:
+  if not is_real(x) or not math.isfinite(_float(x)) or _float(x) < 0:
     raise ValueError(f"temperature must be a finite number >= 0, got {got(x)}")
   return float(x)
 
 
 def top_k(x) -> int | None:
+  """A positive integer (values past the vocabulary keep every token, like None)."""
   if x is None:
     return None
   if not is_int(x) or x < 1:
     raise ValueError(f"top_k must be a positive integer or None, got {got(x)}")
-  return int(x)
+  return int(min(x, 2**31 - 1))  # the engine holds it as int32
 
 
 def top_p(x) -> float | None:
   if x is None:
     return None
-  if not is_real(x) or not 0.0 < float(x) <= 1.0:
+  if not is_real(x) or not 0.0 < _float(x) <= 1.0:
     raise ValueError(f"top_p must be in (0, 1], got {got(x)}")
   return float(x)
 

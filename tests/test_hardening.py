@@ -52,6 +52,11 @@ def test_validate_scalars_accept_numpy_numbers():
   assert validate.max_new_tokens(np.int64(7)) == 7 and validate.rounds_per_chunk(np.uint8(2)) == 2
   assert validate.seed(np.int64(2**32 - 1)) == 2**32 - 1 and validate.seed(0) == 0
   assert validate.top_k(None) is None and validate.top_p(None) is None
+  assert validate.top_k(2**63) == 2**31 - 1  # past any vocabulary: keeps every token
+  with pytest.raises(ValueError, match="temperature"):
+    validate.temperature(10**400)
+  with pytest.raises(ValueError, match="top_p"):
+    validate.top_p(10**400)
 
 
 @pytest.mark.parametrize("p,exc,match", [
