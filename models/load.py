@@ -58,10 +58,16 @@ def detect_format(source: str) -> str:
 
 
 def _to_device(params, dtype, mesh=None, config=None):
-  def put(x):
+  """Host arrays to jax arrays one at a time, each host array dropped once copied: the peak is
+  the model plus its largest tensor, not twice the model. Empties the `params` dict it gets."""
+  leaves, treedef = jax.tree.flatten(params)
+  if isinstance(params, dict):
+    params.clear()  # the leaves list is now the only reference to the host arrays
+  for i, x in enumerate(leaves):
     x = np.asarray(x)
-    return jnp.asarray(x, dtype=dtype if dtype is not None else x.dtype)
-  params = jax.tree.map(put, params)
+    leaves[i] = jnp.asarray(x, dtype=dtype if dtype is not None else x.dtype)
+  x = None
+  params = jax.tree.unflatten(treedef, leaves)
   if mesh is not None:
     from jaxspec.sharding import shard_params  # sharding lives on floor 0, imported lazily
     params = shard_params(params, mesh, config)  # config: query heads must divide "tensor"
