@@ -11,6 +11,7 @@ _EXPORTS = {
     "Result": ("jaxspec.api", "Result"),
     "Stats": ("jaxspec.api", "Stats"),
     "generate": ("jaxspec.api", "generate"),
+    "generate_many": ("jaxspec.batching", "generate_many"),
     "logits": ("jaxspec.api", "logits"),
     "stream": ("jaxspec.api", "stream"),
     "Model": ("jaxspec.models", "Model"),
@@ -44,5 +45,6 @@ def __dir__():
   return sorted(set(globals()) | set(__all__))
 
 
-__all__ = ["Model", "ModelConfig", "Result", "Stats", "drafters", "generate", "load_model", "logits",
+__all__ = ["Model", "ModelConfig", "Result", "Stats", "drafters", "generate", "generate_many",
+           "load_model", "logits",
            "save_checkpoint", "stream", "trees"]

@@ -1,4 +1,4 @@
-"""The `jaxspec` command: generate | bench | train-drafter.
+"""The `jaxspec` command: generate | bench | run | train-drafter.
 
 Bad input ends in one line on stderr (`jaxspec: error: ...`) and exit status 2.
 """
@@ -112,6 +112,22 @@ def cmd_bench(a) -> int:
   return bench.main(a)
 
 
+RUN_EXAMPLES = """examples:
+  jaxspec run --input prompts.jsonl --output out.jsonl --batch-size 16
+  jaxspec run --model SmolLM2-135M-Instruct.Q4_1.gguf --chat --input q.jsonl --output a.jsonl \\
+      --drafter ngram --max-new-tokens 256
+
+Input lines: {"id": 1, "prompt": "text" | [token ids]} or {"id": 1, "messages": [...]}.
+Rerunning the same command resumes: ids already in --output are skipped.
+"""
+
+
+def cmd_run(a) -> int:
+  from jaxspec import run
+
+  return run.main(a)
+
+
 def cmd_train_drafter(a) -> int:
   """Trains an EAGLE / Medusa / distilled drafter and prints how to use it."""
   import jaxspec
@@ -145,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
   from jaxspec import bench
   bench.add_arguments(b)
   b.set_defaults(fn=cmd_bench)
+  r = sub.add_parser("run", help="generate over a JSONL file with continuous batching (resumes)",
+                     epilog=RUN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+  _add_sampling(r)
+  from jaxspec import run
+  run.add_arguments(r)
+  r.set_defaults(fn=cmd_run)
   t = sub.add_parser("train-drafter", help="train an EAGLE / Medusa / distilled drafter",
                      epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
   t.add_argument("--model", default="stories260K", help="the target model (as for generate)")

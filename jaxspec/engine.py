@@ -69,7 +69,7 @@ class State:
   done: jax.Array  # [B] bool
   cache: KVCache  # target cache; lengths == n - 1
   dstate: Any  # drafter state
-  key: jax.Array
+  key: jax.Array  # [B] one key per row (folded from the seed and the row's id)
   stats: Stats
 
 
@@ -87,6 +87,11 @@ def _is_stop(tokens: jax.Array, stop: jax.Array) -> jax.Array:
   return jnp.any(tokens[:, :, None] == stop[:, None, :], axis=-1)
 
 
+def row_keys(key: jax.Array, ids: jax.Array) -> jax.Array:
+  """[B] per-row keys: fold_in(key, id) for each row's integer id."""
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
+
+
 def _prefill(spec: EngineSpec, tparams, dparams, prompt, prompt_lens, live, inp: Inputs, key):
   b, p = prompt.shape
   dtype = tparams["embed"].dtype
@@ -94,7 +99,9 @@ def _prefill(spec: EngineSpec, tparams, dparams, prompt, prompt_lens, live, inp:
   out = forward(tparams, spec.target, prompt, cache, logits=False)
   last_h = jnp.take_along_axis(out.hidden, (prompt_lens - 1)[:, None, None], axis=1)  # [B,1,D]
   logits = head(tparams, spec.target, last_h)[:, 0]
-  key, k0 = jax.random.split(key)
+  if not sampling.per_row(key):  # one seed: row b's key is fold_in(seed key, b)
+    key = row_keys(key, jnp.arange(b))
+  key, k0 = sampling.split(key, 2)
   first, _ = sampling.sample(k0, logits, spec.drafter.mode, inp.sp)
   seq = jnp.zeros((b, spec.buf_len), jnp.int32).at[:, :p].set(prompt)
   seq = seq.at[jnp.arange(b), prompt_lens].set(first)
@@ -115,7 +122,7 @@ def _round(spec: EngineSpec, tparams, dparams, inp: Inputs, s: State) -> State:
   """Propose, verify in one target forward, commit the accepted prefix, rewind the rest."""
   b = s.seq.shape[0]
   d = spec.drafter
-  key, k_draft, k_verify = jax.random.split(s.key, 3)
+  key, k_draft, k_verify = sampling.split(s.key, 3)
   r = Round(tparams=tparams, tcache=s.cache, seq=s.seq, n=s.n, key=k_draft, sp=inp.sp)
   dstate, prop = d.propose(dparams, s.dstate, r)
   tokens, positions, tree_mask = prop.target_inputs(s.seq, s.n)  # [B, T]
@@ -181,7 +188,32 @@ def scatter_rows(state, rows, slots: jax.Array):
   return jax.tree.map(one, state, rows, is_leaf=lambda x: isinstance(x, KVCache))
 
 
-_FNS = {"prefill": (_prefill, ()), "run": (_run, (4,))}  # function, donated argnums
+def _insert(spec: EngineSpec, tparams, dparams, inp: Inputs, state: State, prompt, prompt_lens,
+            live, slots, key, ids) -> State:
+  """Prefills I new prompts [I, P] and writes their rows (token buffer, lengths, done flags,
+  target cache, drafter state, stats, per-row keys fold_in(key, ids)) into `state` at `slots`
+  [I]; every other row is untouched."""
+  i = prompt.shape[0]
+  sub = dataclasses.replace(spec, batch=i)
+  rows_inp = inp.replace(stop=inp.stop[jnp.clip(slots, 0, spec.batch - 1)])  # [I, MAX_STOP]
+  new = _prefill(sub, tparams, dparams, prompt, prompt_lens, live, rows_inp, row_keys(key, ids))
+  return scatter_rows(state, new, slots)
+
+
+def _serve(spec: EngineSpec, tparams, dparams, inp: Inputs, state: State, max_rounds,
+           min_done) -> State:
+  """The loop until `min_done` rows are done (or all are, or `max_rounds` rounds ran)."""
+  start = state.stats.rounds
+
+  def cond(s):
+    return (jnp.any(~s.done) & (jnp.sum(s.done) < min_done) &
+            (s.stats.rounds - start < max_rounds))
+
+  return jax.lax.while_loop(cond, functools.partial(_round, spec, tparams, dparams, inp), state)
+
+
+_FNS = {"prefill": (_prefill, ()), "run": (_run, (4,)), "insert": (_insert, (4,)),
+        "serve": (_serve, (4,))}  # function, donated argnums
 
 
 def _signature(args) -> tuple:

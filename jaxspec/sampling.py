@@ -88,10 +88,49 @@ def sample(key: jax.Array, logits: jax.Array, mode: SamplingMode,
   if mode.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
   p = probs(logits, mode, sp)
-  tok = jax.random.categorical(key, jnp.log(p), axis=-1).astype(jnp.int32)
-  return tok, p
+  return categorical(key, jnp.log(p)), p
 
 
 def categorical_from_probs(key: jax.Array, p: jax.Array) -> jax.Array:
   """Draws from an unnormalised non-negative distribution [..., V]."""
-  return jax.random.categorical(key, jnp.log(p), axis=-1).astype(jnp.int32)
+  return categorical(key, jnp.log(p))
+
+
+# Random draws with one key, or one key per row --------------------------------------------
+# The engine keeps a key per row ([B] keys, folded from the seed and the row's id), so what a
+# row draws depends on its own key alone, never on the batch size, its slot or the other rows.
+# Every helper takes either one key (draws for the whole array, as jax.random does) or [B] keys
+# (row b's draws from keys[b]; arrays then have the batch as their leading axis).
+
+
+def per_row(key: jax.Array) -> bool:
+  """True for a [B] array of keys (typed keys [B] or raw uint32 keys [B, 2])."""
+  typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+  return key.ndim >= (1 if typed else 2)
+
+
+def split(key: jax.Array, num: int) -> jax.Array:
+  """[num, *key.shape]: `num` new keys (per row when `key` is per row)."""
+  if not per_row(key):
+    return jax.random.split(key, num)
+  return jnp.swapaxes(jax.vmap(lambda k: jax.random.split(k, num))(key), 0, 1)
+
+
+def fold_in(key: jax.Array, data) -> jax.Array:
+  if not per_row(key):
+    return jax.random.fold_in(key, data)
+  return jax.vmap(lambda k: jax.random.fold_in(k, data))(key)
+
+
+def uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Uniform [0, 1) float32 of `shape` (per row: shape[0] == B, row b from key b)."""
+  if not per_row(key):
+    return jax.random.uniform(key, shape)
+  return jax.vmap(lambda k: jax.random.uniform(k, shape[1:]))(key)
+
+
+def categorical(key: jax.Array, logp: jax.Array) -> jax.Array:
+  """Tokens [...] drawn from log-probabilities [..., V] (per row: leading axis B)."""
+  if not per_row(key):
+    return jax.random.categorical(key, logp, axis=-1).astype(jnp.int32)
+  return jax.vmap(lambda k, x: jax.random.categorical(k, x, axis=-1))(key, logp).astype(jnp.int32)

@@ -71,8 +71,8 @@ def rejection(key: jax.Array, drafts: jax.Array, draft_probs: jax.Array | None,
   else:
     q = draft_probs * valid[..., None]
     q_d = jnp.take_along_axis(q, safe[..., None], axis=-1)[..., 0]
-  k_u, k_r = jax.random.split(key)
-  u = jax.random.uniform(k_u, (b, k))
+  k_u, k_r = sampling.split(key, 2)
+  u = sampling.uniform(k_u, (b, k))
   n_acc = _count_leading((u * q_d < p_d) & valid)
   # Residual at the first rejected position, or p itself at position k (bonus token).
   q_pad = jnp.concatenate([q, jnp.zeros((b, 1, v), q.dtype)], axis=1)  # [B, k+1, V]
@@ -149,7 +149,7 @@ def tree_rejection(key: jax.Array, tree, target_logits: jax.Array, max_depth: in
 
   def level(d, carry):  # one depth: try the current node's children in order
     cur, active, n_acc, last = carry
-    kd = jax.random.fold_in(key, d)
+    kd = sampling.fold_in(key, d)
 
     def sibling(m, c):
       r, accepted, nxt = c
@@ -158,7 +158,7 @@ def tree_rejection(key: jax.Array, tree, target_logits: jax.Array, max_depth: in
       x = tree.tokens[rows, jnp.maximum(child, 0)]
       total = jnp.sum(r, axis=-1)
       px = r[rows, x] / jnp.where(total > 0, total, 1.0)
-      acc = has & (jax.random.uniform(jax.random.fold_in(kd, m), (b,)) < px)
+      acc = has & (sampling.uniform(sampling.fold_in(kd, m), (b,)) < px)
       r = jnp.where((has & ~acc)[:, None], r * (1.0 - onehot(x)), r)
       return r, accepted | acc, jnp.where(acc, child, nxt)
 
@@ -166,7 +166,7 @@ def tree_rejection(key: jax.Array, tree, target_logits: jax.Array, max_depth: in
         0, max_children, sibling, (p[rows, cur], jnp.zeros((b,), bool), cur))
     stop = active & ~accepted
     r = jnp.where(jnp.sum(r, -1, keepdims=True) > 0, r, p[rows, cur])  # float-rounding guard
-    drawn = sampling.categorical_from_probs(jax.random.fold_in(kd, max_children), r)
+    drawn = sampling.categorical_from_probs(sampling.fold_in(kd, max_children), r)
     return (nxt, active & accepted, n_acc + (active & accepted).astype(jnp.int32),
             jnp.where(stop, drawn, last))
 

@@ -30,7 +30,7 @@ def draft_chain(step: Callable, carry, first_logits: jax.Array, k: int, key: jax
   accepted, so verification stops there and the target's own token at that position keeps the
   round exact), and `step` is skipped once every row has stopped.
   """
-  keys = jax.random.split(key, k)
+  keys = sampling.split(key, k)  # [k] or [k, B] (one key per row)
   tok, q = sampling.sample(keys[0], first_logits, mode, sp)
   go = None if stop_below is None else _confidence(first_logits, q) >= stop_below
 
