@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 SEED_BOUND = 2**32  # seeds are integers in [0, 2**32): every one gives its own stream
-MAX_STOP = 8  # stop tokens per row (the engine's fixed stop table)
+MAX_STOP = 8  # stop tokens per row (engine.MAX_STOP, the engine's fixed stop table)
 
 
 def is_int(x) -> bool:
@@ -161,9 +161,10 @@ def in_vocab(i: int, ids: list[int], vocab_size: int) -> list[int]:
   return ids
 
 
-def stop_rows(stop, batch: int, vocab_size: int, default=()) -> list[list[int]]:
+def stop_rows(stop, batch: int, vocab_size: int, default=(),
+              max_stop: int = MAX_STOP) -> list[list[int]]:
   """stop_tokens -> one list of ids per row. None: `default` (the tokenizer's EOS ids); a
-  single id; a list of ids (every row); one list per row."""
+  single id; a list of ids (every row); one list per row (at most `max_stop` each)."""
   if stop is None:
     rows = [list(default)] * batch
   elif is_int(stop):
@@ -181,8 +182,8 @@ def stop_rows(stop, batch: int, vocab_size: int, default=()) -> list[list[int]]:
                      f"per prompt, got {got(stop)}")
   out = []
   for r in rows:
-    if len(r) > MAX_STOP:
-      raise ValueError(f"at most {MAX_STOP} stop tokens per row, got {len(r)}")
+    if len(r) > max_stop:
+      raise ValueError(f"at most {max_stop} stop tokens per row, got {len(r)}")
     for t in r:
       if not is_int(t) or not 0 <= t < vocab_size:
         raise ValueError(f"stop token {got(t)} is not a token id in [0, {vocab_size})")
