@@ -34,10 +34,8 @@ def is_real(x) -> bool:
 
 def got(x) -> str:
   """`x` for an error message: its repr, and its type when that is not an int or a float."""
-  if type(x) in (int, float):
+  if type(x) in (int, float) or isinstance(x, (np.integer, np.floating)):
     return repr(x)
-  if isinstance(x, (np.integer, np.floating)):
-    return f"{x!r}"
   return f"{x!r} ({type(x).__name__})"
 
 

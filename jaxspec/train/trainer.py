@@ -196,8 +196,8 @@ def _check_arguments(model: Model, a: dict) -> None:
   if a["seq_len"] > model.config.max_seq_len:
     e = ValueError(f"seq_len={a['seq_len']} exceeds the model's context "
                    f"({model.config.max_seq_len})")
-    e.cli_message = f"--seq-len {a['seq_len']} exceeds the model's context " \
-                    f"({model.config.max_seq_len})"
+    e.cli_message = (f"--seq-len {a['seq_len']} exceeds the model's context "
+                     f"({model.config.max_seq_len})")
     raise e
 
 
