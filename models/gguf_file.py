@@ -18,9 +18,10 @@ from .gguf_reader import GGUF, Tensor
 from .tokenizer import HFTokenizer
 
 # GGUF architecture -> the RoPE layout its q/k weights are stored for: llama.cpp's converter
-# permutes llama (and Mistral, which it writes as llama) rows for interleaved ("NORM") RoPE;
-# qwen2/qwen3 and Gemma use NEOX RoPE, Hugging Face's rotate-half.
-ARCHS = {"llama": "interleaved", "mistral": "interleaved", "qwen2": "half", "qwen3": "half",
+# permutes llama rows for interleaved ("NORM") RoPE; qwen2/qwen3 and Gemma use NEOX RoPE,
+# Hugging Face's rotate-half. Mistral 7B-style files are "llama" (llama.cpp has no "mistral"
+# architecture; "mistral3" is a different model and is refused).
+ARCHS = {"llama": "interleaved", "qwen2": "half", "qwen3": "half",
          "gemma": "half", "gemma2": "half", "gemma3": "half"}
 GEMMA = ("gemma", "gemma2", "gemma3")
 SUPPORTED_ARCHS = tuple(ARCHS)
