@@ -1,4 +1,5 @@
-"""Tokenizers: SentencePiece (llama2.c tok512) and byte-level BPE (GGUF metadata / tokenizer.json).
+"""Tokenizers: SentencePiece (llama2.c tok512) and `tokenizers` pipelines (GGUF metadata, see
+`gguf_tokenizer`, or tokenizer.json).
 
 Every tokenizer has the same small surface: `encode(text) -> list[int]`, `decode(ids) -> str`,
 `eos_ids`, `bos_id`, `vocab_size` and `apply_chat_template(messages)`.
@@ -209,23 +210,6 @@ class HFTokenizer(Tokenizer):
             "eos_ids": list(self.eos_ids), "add_bos": self.add_bos,
             "chat_template": self.chat_template, "special_tokens": self.special_tokens,
             "bos_token": self._bos_token, "eos_token": self._eos_token}
-
-  @classmethod
-  def from_bpe(cls, vocab: dict[str, int], merges: list[tuple[str, str]], *, split_digits: bool,
-               **kw) -> "HFTokenizer":
-    """GPT-2 style byte-level BPE from a vocabulary and merge list (as stored in GGUF files)."""
-    from tokenizers import AddedToken, Tokenizer as _Tok, decoders, models, pre_tokenizers
-
-    tok = _Tok(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    pre = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
-    if split_digits:
-      pre.insert(0, pre_tokenizers.Digits(individual_digits=True))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(pre)
-    tok.decoder = decoders.ByteLevel()
-    specials = kw.get("special_tokens") or {}
-    if specials:
-      tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
-    return cls(tok, **kw)
 
 
 @dataclasses.dataclass
