@@ -186,12 +186,8 @@ class _Runner:
     return exe(*args)
 
   def _empty(self):
-    """B rows, every one done (the compiled prefill over dead rows)."""
-    pr = self.pr
-    b, p = pr.spec.batch, pr.spec.prompt_len
-    return self._call("prefill", self.model.params, pr.dparams, jnp.zeros((b, p), jnp.int32),
-                      jnp.ones((b,), jnp.int32), jnp.zeros((b,), bool), self.inputs,
-                      self.seed_key)
+    """B free slots (every row done)."""
+    return self._call("empty", self.model.params, self.pr.dparams, self.inputs, self.seed_key)
 
   def _check(self, job: _Job) -> None:
     if len(job.ids) > self.longest:
@@ -203,7 +199,10 @@ class _Runner:
                        f"({self.pr.max_new}) exceeds the model's context of {self.ctx} tokens")
 
   def _insert(self, state, jobs: list[_Job], free: list[int]):
-    i, p, b = self.width, self.pr.spec.prompt_len, self.pr.spec.batch
+    # The prompts' own bucket (a few programs, one per bucket up to the plan's, each compiled
+    # once): short prompts do not pay for the longest one's prefill.
+    b, i = self.pr.spec.batch, self.width
+    p = min(session.bucket(max(len(j.ids) for j in jobs)), self.pr.spec.prompt_len)
     prompt = np.zeros((i, p), np.int32)
     lens = np.ones((i,), np.int32)
     live = np.zeros((i,), bool)

@@ -193,11 +193,29 @@ def _insert(spec: EngineSpec, tparams, dparams, inp: Inputs, state: State, promp
   """Prefills I new prompts [I, P] and writes their rows (token buffer, lengths, done flags,
   target cache, drafter state, stats, per-row keys fold_in(key, ids)) into `state` at `slots`
   [I]; every other row is untouched."""
-  i = prompt.shape[0]
-  sub = dataclasses.replace(spec, batch=i)
+  i, p = prompt.shape  # p: the new prompts' own bucket (at most the plan's)
+  sub = dataclasses.replace(spec, batch=i, prompt_len=p)
   rows_inp = inp.replace(stop=inp.stop[jnp.clip(slots, 0, spec.batch - 1)])  # [I, MAX_STOP]
   new = _prefill(sub, tparams, dparams, prompt, prompt_lens, live, rows_inp, row_keys(key, ids))
   return scatter_rows(state, new, slots)
+
+
+def _empty(spec: EngineSpec, tparams, dparams, inp: Inputs, key) -> State:
+  """B rows that are all done (free slots for `insert`), built without running the model: the
+  prefill's state shapes, zeros, one committed token after a one-token prompt per row."""
+  b = spec.batch
+  shapes = jax.eval_shape(functools.partial(_prefill, spec), tparams, dparams,
+                          jnp.zeros((b, spec.prompt_len), jnp.int32), jnp.ones((b,), jnp.int32),
+                          jnp.zeros((b,), bool), inp, key)
+
+  def zeros(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jnp.broadcast_to(key, x.shape)
+    return jnp.zeros(x.shape, x.dtype)
+  s = jax.tree.map(zeros, shapes)
+  ones = jnp.ones((b,), jnp.int32)
+  return s.replace(n=ones + 1, prompt_lens=ones, done=jnp.ones((b,), bool),
+                   cache=s.cache.rewind(ones))
 
 
 def _serve(spec: EngineSpec, tparams, dparams, inp: Inputs, state: State, max_rounds,
@@ -212,8 +230,8 @@ def _serve(spec: EngineSpec, tparams, dparams, inp: Inputs, state: State, max_ro
   return jax.lax.while_loop(cond, functools.partial(_round, spec, tparams, dparams, inp), state)
 
 
-_FNS = {"prefill": (_prefill, ()), "run": (_run, (4,)), "insert": (_insert, (4,)),
-        "serve": (_serve, (4,))}  # function, donated argnums
+_FNS = {"prefill": (_prefill, ()), "run": (_run, (4,)), "empty": (_empty, ()),
+        "insert": (_insert, (4,)), "serve": (_serve, (4,))}  # function, donated argnums
 
 
 def _signature(args) -> tuple:

@@ -61,7 +61,7 @@ def test_greedy_equals_generate(stories, plain, batch_size, kind):
 
 def test_no_recompile_after_warmup(stories):
   kw = dict(batch_size=4, max_new_tokens=N_NEW, stop_tokens=STOP, max_prompt_tokens=MAXP)
-  list(generate_many(stories, PROMPTS[:6], **kw))  # warm-up (or already compiled above)
+  list(generate_many(stories, PROMPTS, **kw))  # warm-up: every prompt bucket (16, 32, 64)
   before = engine.compile_count
   others = [p + " and a dog" for p in reversed(PROMPTS[10:30])]
   out = list(generate_many(stories, others, **kw))
@@ -216,6 +216,10 @@ def test_run_bad_input(tmp_path, capsys):
   err = _error(capsys, "--input", str(bad), "--output", out, *RUN_ARGS, "--skip-bad-lines",
                "--seed", "5")
   assert "other settings: --seed 0 (now 5)" in err
+  foreign = tmp_path / "foreign.jsonl"
+  foreign.write_text('{"some": "thing"}\n')
+  assert "foreign.jsonl:1 is not a jaxspec run output line" in _error(
+      capsys, "--input", str(bad), "--output", str(foreign), *RUN_ARGS, "--skip-bad-lines")
   assert "--output" in _error(capsys, "--input", str(bad), "--output", str(tmp_path),
                               *RUN_ARGS)  # a directory
   assert "does not exist" in _error(capsys, "--input", str(bad), "--output",

@@ -1,0 +1,97 @@
+"""Static batching (chunks through `generate`) vs continuous batching (`generate_many`).
+
+    python scripts/bench_continuous.py --model stories260K --num-prompts 128 --batch-size 16 \
+        --max-new-tokens 256 --drafters none,ngram --repeats 3
+
+The first Spec-Bench prompts (file order) that fit the context with max_new_tokens, natural
+stops (the tokenizer's EOS). Every configuration runs once to compile, then the timed runs are
+interleaved (static, continuous, static, ...) so a noisy machine hurts both alike; the ratio
+is taken per repeat and the median quoted. Static batching times `generate`'s own run_s
+(compile excluded); continuous batching times the whole iteration (programs already built).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jaxspec
+from jaxspec import prompts as bench_prompts
+from jaxspec.batching import generate_many
+from jaxspec.drafters import registry
+
+
+def pick_prompts(model, n: int, max_new: int) -> list[str]:
+  ctx = model.config.max_seq_len
+  out = []
+  for q in bench_prompts.spec_bench():
+    if len(model.tokenizer.encode(q["text"])) + max_new <= ctx:
+      out.append(q["text"])
+    if len(out) == n:
+      break
+  return out
+
+
+def static(model, texts, bs, drafter, max_new):
+  new, run_s, calls = 0, 0.0, 0
+  for i in range(0, len(texts), bs):
+    out = jaxspec.generate(model, texts[i:i + bs], drafter=drafter, max_new_tokens=max_new)
+    new += out.stats.new_tokens
+    calls += out.stats.target_calls
+    run_s += out.stats.run_s
+  return new, run_s, calls
+
+
+def continuous(model, texts, bs, drafter, max_new, insert_size):
+  t0 = time.perf_counter()
+  new = calls = 0
+  for c in generate_many(model, texts, batch_size=bs, drafter=drafter, max_new_tokens=max_new,
+                         insert_size=insert_size):
+    new += c.new_tokens
+    calls += c.target_calls
+  return new, time.perf_counter() - t0, calls
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--model", default="stories260K")
+  p.add_argument("--num-prompts", type=int, default=128)
+  p.add_argument("--batch-size", type=int, default=16)
+  p.add_argument("--max-new-tokens", type=int, default=256)
+  p.add_argument("--drafters", default="none,ngram")
+  p.add_argument("--k", type=int, default=4)
+  p.add_argument("--insert-size", type=int, default=None)
+  p.add_argument("--repeats", type=int, default=3)
+  a = p.parse_args()
+  model = jaxspec.load_model(a.model, progress=False)
+  texts = pick_prompts(model, a.num_prompts, a.max_new_tokens)
+  print(f"{model.name}: {len(texts)} Spec-Bench prompts, batch {a.batch_size}, "
+        f"max_new_tokens {a.max_new_tokens}, insert size {a.insert_size or a.batch_size // 4}")
+  rows = []
+  for name in a.drafters.split(","):
+    drafter = registry.parse(name, a.k, None)
+    runs = {"static": lambda: static(model, texts, a.batch_size, drafter, a.max_new_tokens),
+            "continuous": lambda: continuous(model, texts, a.batch_size, drafter,
+                                             a.max_new_tokens, a.insert_size)}
+    for fn in runs.values():  # compile
+      fn()
+    got = {k: [] for k in runs}
+    for _ in range(a.repeats):
+      for k, fn in runs.items():
+        new, secs, calls = fn()
+        got[k].append((new / secs, new, calls))
+        print(f"  {name:>8} {k:>10}: {new} tokens in {secs:.2f}s = {new / secs:.1f} tok/s, "
+              f"tau {new / max(1, calls):.2f}", flush=True)
+    ratio = statistics.median(c[0] / s[0] for s, c in zip(got["static"], got["continuous"]))
+    rows.append((name, statistics.median(x[0] for x in got["static"]),
+                 statistics.median(x[0] for x in got["continuous"]), ratio,
+                 got["static"][0][1], got["continuous"][0][1]))
+  print("\n| drafter | static tok/s | continuous tok/s | continuous / static | tokens |")
+  print("|---|---|---|---|---|")
+  for name, s, c, r, ns, nc in rows:
+    print(f"| {name} | {s:.0f} | {c:.0f} | {r:.2f}x | {ns} / {nc} |")
+
+
+if __name__ == "__main__":
+  main()
