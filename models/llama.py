@@ -5,8 +5,9 @@ chain verification (T = k + 1) and token-tree verification (T = tree nodes, with
 and per-node `positions`). With `cache=None` it is a plain causal forward (training, parity).
 
 Params are a plain pytree; layer weights are stacked along a leading layer axis so the depth
-loop is one `lax.scan` (compile time independent of depth) and early-exit drafting can run
-only the first `n_layers` layers against the same weights and cache.
+loop is one `lax.scan` (compile time independent of depth) and self-speculative drafting can
+run only the first `n_layers` layers (early exit) or any subset `layer_ids` (layer skipping)
+against the same weights and cache.
 
 Sliding-window (local) layers (Mistral, Gemma 2 / 3) mask every slot more than
 `sliding_window - 1` positions behind the query, and with a chunked buffer read only the chunks
@@ -81,6 +82,21 @@ def _mask(t: int, s: int, base: jax.Array | None, tree_mask: jax.Array | None) -
   return (rel < 0) | ((rel < w) & visible)
 
 
+def _run_ids(total: int, n_layers: int | None, layer_ids) -> jax.Array:
+  """The layer indices `forward` scans over (int32 [n])."""
+  if layer_ids is None:
+    return jnp.arange(total if n_layers is None else n_layers, dtype=jnp.int32)
+  if n_layers is not None:
+    raise ValueError(f"forward takes n_layers or layer_ids, not both (got n_layers={n_layers}, "
+                     f"layer_ids={layer_ids!r})")
+  ids = tuple(int(i) for i in layer_ids)
+  if not ids or any(not 0 <= i < total for i in ids) or \
+      any(a >= b for a, b in zip(ids, ids[1:])):
+    raise ValueError(f"layer_ids must be increasing layer indices in [0, {total}), got "
+                     f"{layer_ids!r}")
+  return jnp.asarray(ids, jnp.int32)
+
+
 def forward(
     params: Params,
     config: ModelConfig,
@@ -91,6 +107,7 @@ def forward(
     tree_mask: jax.Array | None = None,
     mask_base: jax.Array | None = None,
     n_layers: int | None = None,
+    layer_ids: tuple[int, ...] | None = None,
     logits: bool = True,
     embeds: jax.Array | None = None,
     attn_chunk: int | None = None,
@@ -109,6 +126,10 @@ def forward(
       tree's root slot, so each node sees exactly its ancestors.
     n_layers: run only the first n layers (self-speculative early exit), then the final norm
       and head. The cache keeps all layers; only the first n are written.
+    layer_ids: run only these layers (a static, increasing tuple of layer indices, a subset of
+      range(n_layers); self-speculative layer skipping), then the final norm and head. Each
+      runs with its own weights and writes only its own cache layer; skipped layers' slots
+      are left as they were. `n_layers=n` is `layer_ids=range(n)`; give at most one of them.
     logits: compute the [B, T, V] head (skip it when only hidden states are needed).
     embeds: input vectors [B, T, D] used instead of embedding `tokens` (feature drafters such
       as EAGLE feed fused target features through the same decoder layers).
@@ -120,7 +141,7 @@ def forward(
   """
   c = config
   b, t = tokens.shape
-  n_run = c.n_layers if n_layers is None else n_layers
+  run_ids = _run_ids(c.n_layers, n_layers, layer_ids)
   lengths = None if cache is None else cache.lengths
   if positions is None:
     base = jnp.zeros((b,), jnp.int32) if lengths is None else lengths
@@ -192,7 +213,7 @@ def forward(
     return (x, kbuf, vbuf), None
 
   carry0 = (x, None, None) if cache is None else (x, cache.k, cache.v)
-  (x, kbuf, vbuf), _ = jax.lax.scan(layer, carry0, jnp.arange(n_run))
+  (x, kbuf, vbuf), _ = jax.lax.scan(layer, carry0, run_ids)
 
   new_cache = None
   if cache is not None:

@@ -19,7 +19,8 @@ from conftest import tiny_config, tiny_model
 from jaxspec.models import KVCache, forward
 
 # One jitted forward for the whole file; it recompiles only per config and shape.
-FWD = jax.jit(forward, static_argnums=(1,), static_argnames=("n_layers", "logits", "attn_chunk"))
+FWD = jax.jit(forward, static_argnums=(1,),
+              static_argnames=("n_layers", "layer_ids", "logits", "attn_chunk"))
 
 ATOL = 2e-5  # fp32: cached and uncached paths differ only in reduction order
 
@@ -288,6 +289,37 @@ def test_early_exit_equals_truncated_model(n_layers):
   np.testing.assert_allclose(got.cache.v[:n_layers], want.cache.v, atol=ATOL, rtol=ATOL)
   assert not np.any(np.asarray(got.cache.k[n_layers:]))  # deeper layers untouched
   np.testing.assert_array_equal(got.cache.lengths, [6, 6])
+
+
+@pytest.mark.parametrize("ids", [(0, 2), (1, 3), (0, 1, 3)])
+def test_layer_ids_equal_model_of_those_layers(ids):
+  """Layer skipping: forward(layer_ids=ids) is the model built from only those layers'
+  weights, through a cache (prefill then one decode step); skipped layers' cache stays put."""
+  m = tiny_model(seed=6, n_layers=4)
+  cfg, params = m.config, _randomize_norms(m.params)
+  sub_cfg = dataclasses.replace(cfg, n_layers=len(ids))
+  sub = dict(params, layers=jax.tree.map(lambda w: w[np.asarray(ids)], params["layers"]))
+  rng = np.random.default_rng(6)
+  tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, size=(2, 6)), jnp.int32)
+  step = jnp.asarray(rng.integers(3, cfg.vocab_size, size=(2, 1)), jnp.int32)
+
+  got = FWD(params, cfg, tokens, KVCache.init(cfg, 2, 16), layer_ids=ids)
+  want = FWD(sub, sub_cfg, tokens, KVCache.init(sub_cfg, 2, 16))
+  got = FWD(params, cfg, step, got.cache, layer_ids=ids)
+  want = FWD(sub, sub_cfg, step, want.cache)
+  np.testing.assert_allclose(got.logits, want.logits, atol=ATOL, rtol=ATOL)
+  np.testing.assert_allclose(got.hidden, want.hidden, atol=ATOL, rtol=ATOL)
+  np.testing.assert_allclose(got.cache.k[np.asarray(ids)], want.cache.k, atol=ATOL, rtol=ATOL)
+  np.testing.assert_allclose(got.cache.v[np.asarray(ids)], want.cache.v, atol=ATOL, rtol=ATOL)
+  skipped = [i for i in range(cfg.n_layers) if i not in ids]
+  assert not np.any(np.asarray(got.cache.k[np.asarray(skipped)]))
+  np.testing.assert_array_equal(got.cache.lengths, [7, 7])
+  prefix = FWD(params, cfg, tokens, n_layers=2).logits  # n_layers=n is layer_ids=range(n)
+  np.testing.assert_allclose(FWD(params, cfg, tokens, layer_ids=range(2)).logits, prefix,
+                             atol=ATOL, rtol=ATOL)
+  for bad in [(), (1, 0), (0, 4), (0, 0)]:
+    with pytest.raises(ValueError, match="layer_ids"):
+      FWD(params, cfg, tokens, layer_ids=bad)
 
 
 # ----------------------------------------------------------------------------------------------
