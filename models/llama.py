@@ -89,6 +89,8 @@ def _run_ids(total: int, n_layers: int | None, layer_ids) -> jax.Array:
   if n_layers is not None:
     raise ValueError(f"forward takes n_layers or layer_ids, not both (got n_layers={n_layers}, "
                      f"layer_ids={layer_ids!r})")
+  if isinstance(layer_ids, jax.Array):  # traced ids (a search over skip sets): unchecked
+    return layer_ids.astype(jnp.int32)
   ids = tuple(int(i) for i in layer_ids)
   if not ids or any(not 0 <= i < total for i in ids) or \
       any(a >= b for a, b in zip(ids, ids[1:])):
@@ -130,6 +132,8 @@ def forward(
       range(n_layers); self-speculative layer skipping), then the final norm and head. Each
       runs with its own weights and writes only its own cache layer; skipped layers' slots
       are left as they were. `n_layers=n` is `layer_ids=range(n)`; give at most one of them.
+      An int32 array [n] (traced, unchecked) also works: one compiled program scores many
+      skip sets of the same size (`drafters.layer_skip.search`).
     logits: compute the [B, T, V] head (skip it when only hidden states are needed).
     embeds: input vectors [B, T, D] used instead of embedding `tokens` (feature drafters such
       as EAGLE feed fused target features through the same decoder layers).

@@ -14,7 +14,9 @@ from .draft_model import DraftModel  # noqa: E402
 from .oracle import Oracle  # noqa: E402
 from .eagle import Eagle, EagleConfig, EagleHead  # noqa: E402
 from .medusa import Medusa, MedusaConfig, MedusaHeads  # noqa: E402
+from .layer_skip import LayerSkip  # noqa: E402
 
 __all__ = ["Accepted", "DraftModel", "Drafter", "DrafterSpec", "Eagle", "EagleConfig",
-           "EagleHead", "EarlyExit", "Head", "Medusa", "MedusaConfig", "MedusaHeads", "NGram",
-           "NoDraft", "Oracle", "Prefill", "Proposal", "Recycling", "Round", "registry"]
+           "EagleHead", "EarlyExit", "Head", "LayerSkip", "Medusa", "MedusaConfig",
+           "MedusaHeads", "NGram", "NoDraft", "Oracle", "Prefill", "Proposal", "Recycling",
+           "Round", "registry"]
