@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec import session
+from jaxspec import session, validate
 from jaxspec.models import Model, forward
 from jaxspec.session import Plan
 
@@ -65,10 +65,14 @@ def generate(model: Model, prompts, *, drafter=None, max_new_tokens: int = 128,
   output follows the target's own distribution.
   stop_tokens: None (the tokenizer's EOS ids), () (never stop early), a list of ids, or one list
   per prompt.
+  temperature: 0 is greedy, and so is anything below `sampling.MIN_TEMPERATURE` (1e-6).
+  seed: an integer in [0, 2**32); every seed in that range gives its own stream.
+  Numbers may be Python or numpy scalars, never bools or strings (jaxspec.validate).
   adaptive: pick the drafter's k, or plain decoding, for this model, batch bucket and drafter
   from measured costs and acceptance (`jaxspec.adaptive.choose_k`; measured once, cached);
   the choice is in `stats.policy`.
   """
+  adaptive = validate.flag("adaptive", adaptive)
   choice = None
   if adaptive and drafter is not None:
     from jaxspec import adaptive as _adaptive
@@ -113,7 +117,9 @@ def _result(model, pr: Plan, seq, n, lens, calls, hist, rounds, compile_s, run_s
 def stream(model: Model, prompt, *, rounds_per_chunk: int = 4, **kw) -> Iterator[str]:
   """Yields text pieces as tokens are committed (the loop runs in chunks of rounds; the
   chunked program is compiled once and reused for every chunk and every call)."""
-  if isinstance(prompt, (list, tuple)) and prompt and not isinstance(prompt[0], (int, np.integer)):
+  rounds_per_chunk = validate.rounds_per_chunk(rounds_per_chunk)  # 0 used to loop forever
+  if (isinstance(prompt, (list, tuple)) and prompt
+      and isinstance(prompt[0], (str, bytes, list, tuple, np.ndarray))):
     raise TypeError("stream takes a single prompt (a str or a list of token ids)")
   if model.tokenizer is None:
     raise ValueError(f"{model.name!r} has no tokenizer; stream needs one to produce text")

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec import engine, sampling
+from jaxspec import engine, sampling, validate
 from jaxspec.drafters.base import Drafter, NoDraft
 from jaxspec.models import Model
 
@@ -41,47 +41,24 @@ def batch_bucket(b: int) -> int:
 
 
 def encode_prompts(model: Model, prompts) -> list[list[int]]:
-  if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
-    raise TypeError("prompts must be a list of strings or a list of token-id lists "
-                    "(wrap a single prompt in a list)")
-  if len(prompts) == 0:
-    raise ValueError("prompts is empty: pass at least one prompt")
+  """Checked prompts (jaxspec.validate: ints for ids, encodable text) -> token ids in the
+  vocabulary."""
   out = []
-  for i, p in enumerate(prompts):
+  for i, p in enumerate(validate.prompts(prompts)):
     if isinstance(p, str):
       if model.tokenizer is None:
         raise ValueError(f"{model.name!r} has no tokenizer: pass token ids instead of text")
-      ids = model.tokenizer.encode(p)
-    elif isinstance(p, (list, tuple, np.ndarray)):
-      ids = [int(t) for t in p]
-    else:
-      raise TypeError(f"prompt {i} must be a str or a list of token ids, got {type(p).__name__}")
-    if not ids:
-      raise ValueError(f"prompt {i} is empty (no tokens); a prompt needs at least one token")
-    bad = [t for t in ids if not 0 <= t < model.config.vocab_size]
-    if bad:
-      raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, "
-                       f"{model.config.vocab_size}): {bad[:5]}")
-    out.append(ids)
+      p = model.tokenizer.encode(p)
+    out.append(validate.in_vocab(i, p, model.config.vocab_size))
   return out
 
 
 def stop_array(model: Model, stop_tokens, batch: int) -> np.ndarray:
-  if stop_tokens is None:
-    rows = [list(model.tokenizer.eos_ids) if model.tokenizer else []] * batch
-  elif len(stop_tokens) and all(isinstance(s, (list, tuple)) for s in stop_tokens):
-    if len(stop_tokens) != batch:
-      raise ValueError(f"per-row stop_tokens has {len(stop_tokens)} rows for {batch} prompts")
-    rows = [list(s) for s in stop_tokens]
-  else:
-    rows = [list(stop_tokens)] * batch
+  eos = model.tokenizer.eos_ids if model.tokenizer else ()
+  rows = validate.stop_rows(stop_tokens, batch, model.config.vocab_size, default=eos,
+                           max_stop=engine.MAX_STOP)
   arr = np.full((batch, engine.MAX_STOP), -1, np.int32)
   for i, r in enumerate(rows):
-    if len(r) > engine.MAX_STOP:
-      raise ValueError(f"at most {engine.MAX_STOP} stop tokens per row, got {len(r)}")
-    for t in r:
-      if not isinstance(t, (int, np.integer)) or not 0 <= t < model.config.vocab_size:
-        raise ValueError(f"stop token {t!r} is not a token id in [0, {model.config.vocab_size})")
     arr[i, :len(r)] = r
   return arr
 
@@ -113,8 +90,8 @@ def prepare(model: Model, prompts, *, drafter=None, max_new_tokens: int = 128,
   if mesh is not None:
     from jaxspec import sharding
     sharding.check_divisible(model.config, mesh)
-  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+  max_new_tokens = validate.max_new_tokens(max_new_tokens)
+  seed = validate.seed(seed)  # [0, 2**32): each its own stream, none reduced silently
   mode, sp = sampling.make(temperature, top_k, top_p)
   ids = encode_prompts(model, prompts)
   b = len(ids)

@@ -405,3 +405,95 @@ def test_train_drafter_says_it_resumes(stories, tmp_path, capsys):
   assert "resuming" not in capsys.readouterr().err
   jaxspec.train.train_drafter(stories, **kw)
   assert "resuming from step 2\n" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# generate / stream: the checks wired in (bools, strings, numpy scalars, seeds, prompts)
+
+
+@pytest.fixture(scope="module")
+def byte_tiny():
+  from jaxspec.models import ByteTokenizer, Model
+  m = tiny_model(seed=4, vocab_size=259, max_seq_len=256)
+  return Model(m.config, m.params, ByteTokenizer(), name="bytes")
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(temperature=True), "temperature must be a finite number >= 0, got True"),
+    (dict(temperature="0.5"), r"temperature must be a finite number >= 0, got '0.5' \(str\)"),
+    (dict(temperature=1.0, top_p=True), r"top_p must be in \(0, 1\], got True"),
+    (dict(temperature=1.0, top_k=True), "top_k must be a positive integer or None, got True"),
+    (dict(max_new_tokens=True), "max_new_tokens must be a positive integer, got True"),
+    (dict(stop_tokens=[True]), "stop token True"),
+    (dict(stop_tokens="2"), "stop_tokens must be None"),
+    (dict(seed=True), r"seed must be an integer in \[0, 2\*\*32\), got True"),
+    (dict(seed=2**32), r"seed must be an integer in \[0, 2\*\*32\), got 4294967296"),
+    (dict(seed=2**63), r"seed must be an integer in \[0, 2\*\*32\)"),
+    (dict(seed=-1), "seed must be an integer"),
+    (dict(seed=1.5), "seed must be an integer"),
+    (dict(seed=None), "seed must be an integer"),
+    (dict(seed="abc"), "seed must be an integer"),
+])
+def test_generate_rejects_bools_strings_and_bad_seeds_by_name(byte_tiny, kw, match):
+  with pytest.raises(ValueError, match=match):
+    jaxspec.generate(byte_tiny, [[1, 5, 6]], **kw)
+  with pytest.raises(ValueError, match=match):
+    next(jaxspec.stream(byte_tiny, [1, 5, 6], **kw))
+
+
+def test_generate_accepts_numpy_scalars(byte_tiny):
+  py = jaxspec.generate(byte_tiny, [[1, 5, 6]], max_new_tokens=5, temperature=0.9, top_k=5,
+                        top_p=0.9, seed=7, stop_tokens=[2])
+  np_ = jaxspec.generate(byte_tiny, [np.array([1, 5, 6], np.int64)], max_new_tokens=np.int64(5),
+                         temperature=np.float32(0.9), top_k=np.int64(5),
+                         top_p=np.float64(0.9), seed=np.uint32(7), stop_tokens=np.array([2]))
+  assert np_.tokens == py.tokens
+  two_d = jaxspec.generate(byte_tiny, np.array([[1, 5, 6]], np.int32), max_new_tokens=5,
+                           temperature=0.9, top_k=5, top_p=0.9, seed=7, stop_tokens=[2])
+  assert two_d.tokens == py.tokens
+  assert "".join(jaxspec.stream(byte_tiny, np.array([1, 5, 6]), max_new_tokens=np.int64(3),
+                                rounds_per_chunk=np.int64(2)))
+
+
+def test_seeds_are_distinct_over_the_documented_range(byte_tiny):
+  """Seeds that used to collide (2**32 with 0, -1 with 2**32-1) are refused; the top of the
+  range is its own stream."""
+  kw = dict(max_new_tokens=12, temperature=1.5, stop_tokens=())
+  streams = {s: jaxspec.generate(byte_tiny, [[1, 5]], seed=s, **kw).tokens[0]
+             for s in (0, 1, 2**31, 2**32 - 1)}
+  assert len({tuple(v) for v in streams.values()}) == 4
+  for s in (2**32, 2**32 + 1, -1):
+    with pytest.raises(ValueError, match="seed must be an integer"):
+      jaxspec.generate(byte_tiny, [[1, 5]], seed=s, **kw)
+
+
+@pytest.mark.parametrize("prompts,exc,match", [
+    ([[1.0, 403.9]], TypeError, "prompt 0 has a non-integer token id at position 0: 1.0"),
+    ([[1, "1"]], TypeError, "prompt 0 has a non-integer token id at position 1"),
+    ([[1, True]], TypeError, "prompt 0 has a non-integer token id at position 1: True"),
+    ([[[1, 2]]], TypeError, r"prompt 0 has a non-integer token id at position 0: \[1, 2\]"),
+    ([np.array(5)], TypeError, "prompt 0 must be a str or a list of token ids, got a 0-d"),
+    ([[1, 2], np.array([1.5])], TypeError, "prompt 1 has token ids of dtype float64"),
+    (["ok", "\ud800"], ValueError, "prompt 1 is not valid text"),
+])
+def test_generate_prompt_kinds(byte_tiny, prompts, exc, match):
+  with pytest.raises(exc, match=match):
+    jaxspec.generate(byte_tiny, prompts, max_new_tokens=2)
+
+
+def test_stream_rounds_per_chunk_must_be_positive(byte_tiny):
+  for bad in (0, -1, 2.5, True, "4", None):
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="rounds_per_chunk must be a positive integer"):
+      list(jaxspec.stream(byte_tiny, [1, 5, 6], max_new_tokens=5, rounds_per_chunk=bad))
+    assert time.perf_counter() - t0 < 30  # refused up front (0 used to loop forever)
+  with pytest.raises(ValueError, match="prompt 0 is not valid text"):
+    next(jaxspec.stream(byte_tiny, "\ud800"))
+
+
+def test_cli_out_of_range_seed_is_one_line(capsys):
+  from jaxspec.cli import main
+  for seed in (str(2**63), str(2**32), "-1"):
+    assert main(["generate", "hi", "--seed", seed, "--max-new-tokens", "2", "--no-stream"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"jaxspec: error: seed must be an integer in [0, 2**32), got {seed}\n", err
