@@ -84,6 +84,7 @@ def test_registry_parse():
   d = registry.parse("layer-skip:0,2,4", k=4)
   assert isinstance(d, drafters.LayerSkip) and d.layers == (0, 2, 4) and d.k == 4
   assert registry.parse("layer-skip", k=2).layers is None
+  assert registry.parse("layer-skip:4+0", k=2).layers == (0, 4)  # inside --drafters a,b lists
   t = registry.parse("layer-skip:1,3", k=3, tree=8)
   assert isinstance(t.tree, trees.Dynamic) and t.tree.n_nodes == 8
   assert "layer-skip[:L1,L2,...]" in registry.usage()

@@ -107,7 +107,7 @@ def _kept(n_layers: int, keep: float) -> int:
 @registry.register("layer-skip", usage="layer-skip[:L1,L2,...]", aliases=("layer_skip",
                                                                           "layerskip"),
                    help="a subset of the target's layers and its head (shares weights and "
-                        "cache); no ids: search a skip set for the model")
+                        "cache); ids 0,2,4 or 0+2+4; none: search a skip set for the model")
 @dataclasses.dataclass(frozen=True)
 class LayerSkip(Drafter):
   """Drafts with the target's layers `layers` (ids in increasing order; any subset, not only a
@@ -159,13 +159,16 @@ class LayerSkip(Drafter):
 
   @classmethod
   def from_cli(cls, arg: str, k: int, tree: int | None) -> "LayerSkip":
+    """`0,2,4` (or `0+2+4`, which survives `jaxspec bench --drafters`' comma list); empty:
+    search a skip set."""
     layers = None
     if arg.strip():
       try:
-        layers = [int(x) for x in arg.split(",")]
+        layers = [int(x) for x in arg.replace("+", ",").split(",")]
       except ValueError:
         raise ValueError(f"--drafter layer-skip needs comma-separated layer ids, got {arg!r} "
-                         f"(e.g. layer-skip:0,2,4, or layer-skip to search)") from None
+                         f"(e.g. layer-skip:0,2,4 or layer-skip:0+2+4, or layer-skip to "
+                         f"search)") from None
     return cls(layers=layers, k=k, tree=registry.dynamic_tree(tree, k))
 
 
