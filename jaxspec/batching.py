@@ -122,8 +122,8 @@ def generate_many(model: Model, prompts: Iterable, *, batch_size: int = 16, draf
                   insert_size: int | None = None,
                   max_rounds: int = 1 << 30) -> Iterator[Completion]:
   """Generates for every prompt of `prompts` (any iterable of strings, token-id lists or dicts
-  with `id` and `prompt` or chat `messages`) with `batch_size` slots in the compiled loop,
-  refilling slots as rows finish. Yields one `Completion` per prompt as soon as its row
+  with `id` and `prompt` or chat `messages`) with `batch_size` slots (rounded up to a power of
+  two, like `generate`'s batch) in the compiled loop, refilling slots as rows finish. Yields one `Completion` per prompt as soon as its row
   finishes (so not in input order).
 
   Arguments are `generate`'s; stop_tokens is one list for every prompt. The prompt bucket is
@@ -143,16 +143,15 @@ def generate_many(model: Model, prompts: Iterable, *, batch_size: int = 16, draf
     ahead = list(jobs)
   else:
     ahead = list(itertools.islice(jobs, LOOKAHEAD * slots))
+  if not ahead:
+    raise ValueError("prompts is empty: pass at least one prompt")
   if max_prompt_tokens is None:
-    if not ahead:
-      raise ValueError("prompts is empty: pass at least one prompt")
     max_prompt_tokens = max(len(j.ids) for j in ahead)
   longest = _positive("max_prompt_tokens", max_prompt_tokens)
   pr = session.prepare(model, [[0] * longest] * slots, drafter=drafter,
                        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                        top_p=top_p, seed=seed, stop_tokens=stop_tokens, mesh=mesh)
-  width = max(1, slots // 4) if insert_size is None else _positive("insert_size",
-                                                                          insert_size)
+  width = max(1, slots // 4) if insert_size is None else _positive("insert_size", insert_size)
   width = min(width, slots)
   if mesh is not None:
     data = mesh.shape.get("data", 1)

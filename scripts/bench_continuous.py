@@ -43,14 +43,23 @@ def static(model, texts, bs, drafter, max_new):
   return new, run_s, calls
 
 
-def continuous(model, texts, bs, drafter, max_new, insert_size):
+def continuous(model, texts, bs, drafter, max_new, insert_size, lengths=None):
   t0 = time.perf_counter()
   new = calls = 0
   for c in generate_many(model, texts, batch_size=bs, drafter=drafter, max_new_tokens=max_new,
                          insert_size=insert_size):
     new += c.new_tokens
     calls += c.target_calls
+    if lengths is not None:
+      lengths[c.index] = c.new_tokens
   return new, time.perf_counter() - t0, calls
+
+
+def length_bound(lengths: list[int], bs: int) -> float:
+  """What refilling can save at most (plain decoding, one token per round): the rounds of
+  static chunks (each as long as its longest row) over the rounds of perfectly packed slots."""
+  static_rounds = sum(max(lengths[i:i + bs]) for i in range(0, len(lengths), bs))
+  return static_rounds / (sum(lengths) / bs)
 
 
 def main() -> None:
@@ -68,6 +77,11 @@ def main() -> None:
   texts = pick_prompts(model, a.num_prompts, a.max_new_tokens)
   print(f"{model.name}: {len(texts)} Spec-Bench prompts, batch {a.batch_size}, "
         f"max_new_tokens {a.max_new_tokens}, insert size {a.insert_size or a.batch_size // 4}")
+  lengths = [0] * len(texts)
+  continuous(model, texts, a.batch_size, None, a.max_new_tokens, a.insert_size, lengths)
+  print(f"output lengths: {sorted(lengths)[len(lengths) // 2]} median, "
+        f"{sum(x == a.max_new_tokens for x in lengths)} of {len(lengths)} at max_new_tokens; "
+        f"refilling saves at most {length_bound(lengths, a.batch_size):.2f}x of the rounds")
   rows = []
   for name in a.drafters.split(","):
     drafter = registry.parse(name, a.k, None)
