@@ -182,21 +182,41 @@ GENERATE = ["generate", "Once upon a time", "--drafter", "early-exit:4", "--max-
             "--no-stream"]
 
 
+def _handles_sigterm(pid: int) -> bool:
+  """Whether the process catches SIGTERM yet: jaxspec.interrupt is installed (Python alone
+  leaves SIGTERM at its default). Before that, only Python's own start-up runs (~0.1 s)."""
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      caught = next(int(ln.split()[1], 16) for ln in f if ln.startswith("SigCgt:"))
+  except (OSError, StopIteration):
+    return True  # no /proc: count from the start
+  return bool(caught >> (signal.SIGTERM - 1) & 1)
+
+
 def _signal_runs(argv, delays, sig=signal.SIGINT, parallel=4, cwd=None, burst=1):
-  """Starts `jaxspec argv` once per delay (`parallel` at a time), sends `sig` after each delay
-  (`burst` times, 3 ms apart: an impatient user); returns (delay, returncode, stderr) for the runs still going when the signal was sent."""
+  """Starts `jaxspec argv` once per delay (`parallel` at a time) and sends `sig` that long
+  after the command took over signals (`burst` times, 3 ms apart: an impatient user); returns
+  (delay, returncode, stderr) for the runs still going when the signal was sent."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
   out = []
   for start in range(0, len(delays), parallel):
     batch = sorted(delays[start:start + parallel])
-    t0 = time.monotonic()
     procs = [subprocess.Popen([JAXSPEC, *argv(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               env=env, cwd=cwd) for i in range(start, start + len(batch))]
-    sent = []
-    for p, d in zip(procs, batch):
-      time.sleep(max(0.0, t0 + d - time.monotonic()))
-      sent.append(p.poll() is None)
-      for _ in range(burst if sent[-1] else 0):
+    ready = [None] * len(procs)
+    deadline = time.monotonic() + 60
+    while None in ready and time.monotonic() < deadline:
+      for j, p in enumerate(procs):
+        if ready[j] is None and (p.poll() is not None or _handles_sigterm(p.pid)):
+          ready[j] = time.monotonic()
+      time.sleep(0.002)
+    assert None not in ready, "jaxspec did not start within 60 s"
+    sent = [False] * len(procs)
+    for j in sorted(range(len(procs)), key=lambda j: ready[j] + batch[j]):
+      p = procs[j]
+      time.sleep(max(0.0, ready[j] + batch[j] - time.monotonic()))
+      sent[j] = p.poll() is None
+      for _ in range(burst if sent[j] else 0):
         if p.poll() is None:
           p.send_signal(sig)
           time.sleep(0.003)
