@@ -126,8 +126,8 @@ def _progress_bar_open() -> bool:
 
 
 def _flush_stdout() -> None:
-  """Flushes what was printed (stdout and stderr), without hanging on a stalled pipe or a lock held by the thread
-  we interrupted."""
+  """Flushes what was printed (stdout and stderr), without hanging on a stalled pipe or on a
+  lock held by the thread we interrupted."""
   def flush():
     for f in (sys.stdout, sys.stderr):
       with contextlib.suppress(Exception):

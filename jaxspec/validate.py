@@ -29,7 +29,8 @@ def is_int(x) -> bool:
 
 def is_real(x) -> bool:
   """A Python or numpy integer or float, and not a bool."""
-  return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+  return (isinstance(x, (int, float, np.integer, np.floating))
+          and not isinstance(x, (bool, np.bool_)))
 
 
 def got(x) -> str:
