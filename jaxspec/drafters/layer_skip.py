@@ -10,12 +10,16 @@ verify pass rewrites every layer at those slots before anything is committed (as
 
 `layers=None` searches a skip set for the model on the fly, at bind time (a simplified SWIFT):
 a calibration sequence (a fixed English text and the target's own greedy continuation of it),
-one full forward for the target's greedy predictions along it, then a greedy descent from all
-layers that drops, one layer at a time, the layer whose removal keeps the most predictions
-equal to the full model's (ties: the higher mean log-probability of the full model's token),
-until `keep` of the layers are left. Every step scores all its candidates in one compiled
-program (`lax.map` over skip sets of one size). The result is cached per model fingerprint
-(`search_cache`), so later binds of the same weights do not search again.
+one full forward for the target's greedy predictions and cache along it, then a greedy descent
+from all layers that drops, one layer at a time, the layer whose removal keeps the most
+predictions equal to the full model's (ties: the higher mean log-probability of the full
+model's token), until `keep` of the layers are left; last, that set against the prefix of the
+same size (EarlyExit's choice), keeping the better. A candidate is scored as drafting runs it:
+one draft step per position against the target's cache of the context before it. Every step
+scores all its candidates in one compiled program (`lax.map` over skip sets of one size). The
+result is cached per model fingerprint (`search_cache`), so later binds of the same weights do
+not search again. This is a simplification of SWIFT (no Bayesian optimisation, no online
+adaptation during generation, first-draft agreement rather than measured acceptance).
 """
 
 from __future__ import annotations
@@ -207,20 +211,40 @@ def _rollout(params, cfg, prompt, new_tokens):
 
 @functools.partial(jax.jit, static_argnums=(1,))
 def _reference(params, cfg, tokens):
-  return jnp.argmax(forward(params, cfg, tokens).logits, axis=-1)
+  """The full model over the calibration sequence: its cache (every layer, every slot) and its
+  greedy predictions [1, T]."""
+  cache = KVCache.init(cfg, 1, tokens.shape[1], params["embed"].dtype)
+  o = forward(params, cfg, tokens, cache)
+  return o.cache, jnp.argmax(o.logits, axis=-1)
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
-def _scores(params, cfg, tokens, ref, candidates):
-  """candidates [C, n] layer ids -> (agreement [C], mean log p(ref) [C]) over the sequence."""
+def _scores(params, cfg, tokens, cache, ref, candidates):
+  """candidates [C, n] layer ids -> (agreement [C], mean log p(ref) [C]) over the sequence.
+
+  Scored as drafting sees it: position t is one draft step of the candidate against the
+  target's own cache of positions < t (row t of a batch of T rows, cache length t), so a kept
+  layer attends to the full model's K/V of the context, not to a skip-set forward's."""
+  t = tokens.shape[1]
+  rows = cache.replace(k=jnp.broadcast_to(cache.k, (cache.k.shape[0], t) + cache.k.shape[2:]),
+                       v=jnp.broadcast_to(cache.v, (cache.v.shape[0], t) + cache.v.shape[2:]),
+                       lengths=jnp.arange(t, dtype=jnp.int32))
+  ref = ref[0]  # [T]
 
   def one(ids):
-    logits = forward(params, cfg, tokens, layer_ids=ids).logits
+    logits = forward(params, cfg, tokens[0][:, None], rows, layer_ids=ids).logits[:, 0]
     logp = jax.nn.log_softmax(logits, axis=-1)
     agree = jnp.mean((jnp.argmax(logits, axis=-1) == ref).astype(jnp.float32))
-    return agree, jnp.mean(jnp.take_along_axis(logp, ref[..., None], axis=-1))
+    return agree, jnp.mean(jnp.take_along_axis(logp, ref[:, None], axis=-1))
 
   return jax.lax.map(one, candidates)
+
+
+def _best(target, tokens, cache, ref, cands: np.ndarray) -> tuple[tuple[int, ...], float]:
+  agree, logp = (np.asarray(x) for x in _scores(target.params, target.config, tokens, cache,
+                                                ref, jnp.asarray(cands, jnp.int32)))
+  i = int(np.lexsort((-logp, -agree))[0])  # most agreement, then most likely
+  return tuple(int(x) for x in cands[i]), float(agree[i])
 
 
 def search(target: Model, keep: int, *, text: str = CALIBRATION_TEXT,
@@ -235,14 +259,12 @@ def search(target: Model, keep: int, *, text: str = CALIBRATION_TEXT,
   if hit is not None:
     return hit
   tokens = jnp.asarray(calibration_tokens(target, text, new_tokens))
-  ref = _reference(target.params, target.config, tokens)
+  cache, ref = _reference(target.params, target.config, tokens)
   kept = list(range(n))
   while len(kept) > keep:
     cands = np.asarray([[i for i in kept if i != drop] for drop in kept], np.int32)
-    agree, logp = (np.asarray(x) for x in _scores(target.params, target.config, tokens, ref,
-                                                  jnp.asarray(cands)))
-    best = int(np.lexsort((-logp, -agree))[0])  # most agreement, then most likely
-    kept = [int(i) for i in cands[best]]
-  out = tuple(kept)
+    kept = list(_best(target, tokens, cache, ref, cands)[0])
+  # the greedy descent against the prefix of the same cost (EarlyExit): never worse than it
+  out, _ = _best(target, tokens, cache, ref, np.asarray([kept, list(range(keep))], np.int32))
   search_cache[key] = out
   return out
