@@ -234,7 +234,8 @@ def calibrate(model, drafter, prompts, *, max_new_tokens: int = CALIBRATION_TOKE
   seconds per round of each (the prefill is not timed), the drafter's per-token acceptance
   and tau. Programs are compiled first; the fastest of `repeats` runs is kept."""
   def timed(d):
-    pr = session.prepare(model, prompts, drafter=d, max_new_tokens=max_new_tokens, **kw)
+    pr = session.prepare(model, prompts, drafter=d, max_new_tokens=max_new_tokens,
+                         speculate="always", **kw)
     best = None
     for i in range(repeats + 1):  # run 0 compiles and warms up
       state, _ = session.start(model, pr)

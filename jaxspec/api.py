@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec import session, validate
+from jaxspec import policy, session, validate
 from jaxspec.models import Model, forward
 from jaxspec.session import Plan
 
@@ -38,6 +38,11 @@ class Stats:
   drafts_verified: int = 0  # of those, drafts handed to verification (confidence stops leave
   #                           the rest empty; equal to drafts_proposed without stop_below)
   policy: object = None  # the adaptive.Choice behind this run (generate(..., adaptive=True))
+  rounds_by_tokens: dict = dataclasses.field(default_factory=dict)  # {tokens per row a round
+  #   verified: rounds}: 1 = plain rounds the speculation switch chose, k + 1 (or the tree's
+  #   nodes) = speculative rounds
+  switch_ratio: float | None = None  # the switch's measured cost of a speculative round / plain
+  calibration_s: float = 0.0  # measuring that ratio (once per model, drafter and shapes)
 
   @property
   def per_row_mean_accepted(self) -> list[float]:
@@ -58,7 +63,8 @@ class Result:
 
 def generate(model: Model, prompts, *, drafter=None, max_new_tokens: int = 128,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int = 0, stop_tokens=None, mesh=None, adaptive: bool = False) -> Result:
+             seed: int = 0, stop_tokens=None, mesh=None, adaptive: bool = False,
+             speculate: str | None = None) -> Result:
   """Generates up to `max_new_tokens` per prompt; speculative when `drafter` is given.
 
   Lossless either way: greedy output equals plain greedy decoding token for token, and sampled
@@ -71,6 +77,12 @@ def generate(model: Model, prompts, *, drafter=None, max_new_tokens: int = 128,
   adaptive: pick the drafter's k, or plain decoding, for this model, batch bucket and drafter
   from measured costs and acceptance (`jaxspec.adaptive.choose_k`; measured once, cached);
   the choice is in `stats.policy`.
+  speculate: "auto" (default): inside the compiled loop each round speculates only while the
+  drafter's running acceptance beats the measured cost of a speculative round over a plain one,
+  so a drafter that does not pay falls back to plain decoding (`jaxspec.policy`; rounds by kind
+  in `stats.rounds_by_tokens`). "always": every round speculates (research, exact counts).
+  None: the environment variable JAXSPEC_SPECULATE if set (the test suite sets "always"),
+  else "auto".
   """
   adaptive = validate.flag("adaptive", adaptive)
   choice = None
@@ -82,24 +94,28 @@ def generate(model: Model, prompts, *, drafter=None, max_new_tokens: int = 128,
     drafter = choice.drafter
   pr = session.prepare(model, prompts, drafter=drafter, max_new_tokens=max_new_tokens,
                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                       stop_tokens=stop_tokens, mesh=mesh)
+                       stop_tokens=stop_tokens, mesh=mesh, speculate=speculate)
+  pr, measured = policy.calibrated(model, drafter, pr)
   # Compile outside the timed region so run_s measures execution only.
   t0 = time.perf_counter()
   state, c1 = session.start(model, pr)
   state, c2 = session.run_rounds(model, pr, state, 1 << 30)
-  seq, n, lens, calls, hist, rounds, bad, drafted = session.fetch(
+  seq, n, lens, calls, hist, rounds, bad, drafted, spec_rounds = session.fetch(
       (state.seq, state.n, state.prompt_lens, state.stats.target_calls, state.stats.accept_hist,
-       state.stats.rounds, state.stats.nonfinite, state.stats.drafted))
+       state.stats.rounds, state.stats.nonfinite, state.stats.drafted, state.stats.spec_rounds))
   run_s = time.perf_counter() - t0 - c1 - c2
   session.check_finite(model, bad[:pr.batch])
-  out = _result(model, pr, seq, n, lens, calls, hist, rounds, c1 + c2, run_s)
-  out.stats.drafts_proposed = (out.stats.target_calls - pr.batch) * pr.spec.drafter.slots
+  out = _result(model, pr, seq, n, lens, calls, hist, rounds, c1 + c2, run_s, spec_rounds)
+  out.stats.drafts_proposed = int(hist[:pr.batch].sum()) * pr.spec.drafter.slots
   out.stats.drafts_verified = int(drafted[:pr.batch].sum())
   out.stats.policy = choice
+  if measured is not None:
+    out.stats.switch_ratio, out.stats.calibration_s = measured.ratio, measured.seconds
   return out
 
 
-def _result(model, pr: Plan, seq, n, lens, calls, hist, rounds, compile_s, run_s) -> Result:
+def _result(model, pr: Plan, seq, n, lens, calls, hist, rounds, compile_s, run_s,
+            spec_rounds) -> Result:
   b = pr.batch
   tokens = [seq[i, lens[i]:n[i]].tolist() for i in range(b)]
   texts = ([model.tokenizer.decode(t) for t in tokens] if model.tokenizer is not None
@@ -108,9 +124,13 @@ def _result(model, pr: Plan, seq, n, lens, calls, hist, rounds, compile_s, run_s
   total_calls = int(calls[:b].sum())
   stats = Stats(
       mean_accepted=new / max(1, total_calls), target_calls=total_calls,
-      draft_calls=int(rounds) * pr.spec.drafter.draft_forwards, rounds=int(rounds),
+      draft_calls=int(spec_rounds) * pr.spec.drafter.draft_forwards, rounds=int(rounds),
       accepted=hist[:b].tolist(), new_tokens=new, compile_s=compile_s, run_s=run_s,
       tokens_per_s=new / run_s if run_s > 0 else float("nan"), k=pr.spec.depth)
+  d = pr.spec.drafter
+  width = d.slots + 1  # tokens per row a speculative round verifies
+  plain = int(rounds) - int(spec_rounds)
+  stats.rounds_by_tokens = {t: c for t, c in ((1, plain), (width, int(spec_rounds))) if c}
   return Result(tokens=tokens, texts=texts, stats=stats)
 
 
@@ -123,7 +143,9 @@ def stream(model: Model, prompt, *, rounds_per_chunk: int = 4, **kw) -> Iterator
     raise TypeError("stream takes a single prompt (a str or a list of token ids)")
   if model.tokenizer is None:
     raise ValueError(f"{model.name!r} has no tokenizer; stream needs one to produce text")
-  pr = session.prepare(model, [prompt], **_with_defaults(kw))
+  kw = _with_defaults(kw)
+  pr = session.prepare(model, [prompt], **kw)
+  pr, _ = policy.calibrated(model, kw["drafter"], pr)
   state, _ = session.start(model, pr)
   lens = int(pr.lens[0])
   shown = ""
@@ -143,11 +165,11 @@ def stream(model: Model, prompt, *, rounds_per_chunk: int = 4, **kw) -> Iterator
 
 def _with_defaults(kw: dict) -> dict:
   unknown = set(kw) - {"drafter", "max_new_tokens", "temperature", "top_k", "top_p", "seed",
-                       "stop_tokens", "mesh"}
+                       "stop_tokens", "mesh", "speculate"}
   if unknown:
     raise TypeError(f"unexpected keyword arguments: {sorted(unknown)}")
   out = dict(drafter=None, max_new_tokens=128, temperature=0.0, top_k=None, top_p=None, seed=0,
-             stop_tokens=None, mesh=None)
+             stop_tokens=None, mesh=None, speculate=None)
   out.update(kw)
   return out
 

@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="also run every drafter with a token tree of N nodes, next to its chain")
   p.add_argument("--max-new-tokens", type=int, default=128)
   p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+  p.add_argument("--speculate", choices=["auto", "always"], default=None,
+                 help="auto (default): rounds speculate only while it pays (jaxspec.policy); "
+                      "always: every round speculates")
   p.add_argument("--out", default=DEFAULT_OUT, help="markdown report to update ('-' = stdout only)")
   p.add_argument("--plot", default=None, help="PNG plot path (default: next to --out)")
   from jaxspec import peers, perf  # --compare-transformers; --batch-sizes and --roofline
@@ -52,7 +55,7 @@ def default_drafters(config) -> list[str]:
 
 
 def run(model, prompts: list[dict], methods: list[tuple[str, object]], *, max_new_tokens: int,
-        chat: bool, progress: bool = True) -> dict:
+        chat: bool, progress: bool = True, speculate: str | None = None) -> dict:
   """Returns {method: {"rows": [...], "compile_s": float}}; each row has category, tokens,
   target_calls, seconds."""
   import jaxspec
@@ -73,10 +76,11 @@ def run(model, prompts: list[dict], methods: list[tuple[str, object]], *, max_ne
     compile_s = 0.0
     rows = []
     for p, x in zip(prompts, ids):
-      out = jaxspec.generate(model, [x], drafter=drafter, max_new_tokens=max_new_tokens)
-      if out.stats.compile_s > 0:  # first prompt of a bucket: time again, compiled
+      kw = dict(drafter=drafter, max_new_tokens=max_new_tokens, speculate=speculate)
+      out = jaxspec.generate(model, [x], **kw)
+      if out.stats.compile_s > 0 or out.stats.calibration_s > 0:  # time again, compiled
         compile_s += out.stats.compile_s
-        out = jaxspec.generate(model, [x], drafter=drafter, max_new_tokens=max_new_tokens)
+        out = jaxspec.generate(model, [x], **kw)
       rows.append({"category": p["category"], "tokens": out.stats.new_tokens,
                    "target_calls": out.stats.target_calls, "seconds": out.stats.run_s,
                    "output": out.tokens[0]})
@@ -174,11 +178,13 @@ def main(a) -> int:
     from jaxspec import peers
     methods += peers.jaxspec_methods(model, a)
   t0 = time.perf_counter()
-  results = run(model, prompts, methods, max_new_tokens=a.max_new_tokens, chat=a.chat)
+  results = run(model, prompts, methods, max_new_tokens=a.max_new_tokens, chat=a.chat,
+                speculate=a.speculate)
   cats, table = summarize(results)
   command = report.command()
   settings = (f"{len(prompts)} prompts ({a.limit} per category), greedy, batch 1, "
               f"max_new_tokens={a.max_new_tokens}, k={a.k}, tree={a.tree}, "
+              f"speculate={a.speculate or 'auto'}, "
               f"{time.perf_counter() - t0:.0f} s total")
   md = markdown(model.name, command, cats, table, results, settings)
   if getattr(a, "compare_transformers", False):

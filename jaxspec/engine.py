@@ -31,6 +31,11 @@ from jaxspec.sampling import SamplingParams
 
 MAX_STOP = 8  # stop-token slots per row (padded with -1)
 
+# Inputs.mode: what the speculation switch does this call (a traced value: no recompiles).
+MODE_AUTO, MODE_PLAIN, MODE_SPECULATE = 0, 1, 2
+TAU_DECAY = 0.5  # weight of the newest round in each row's running tau
+PROBE_GAP, MAX_PROBE_GAP = 8, 64  # plain rounds between probes of speculation (doubling)
+
 
 @dataclasses.dataclass(frozen=True)
 class EngineSpec:
@@ -41,6 +46,7 @@ class EngineSpec:
   batch: int
   prompt_len: int  # prompt bucket
   buf_len: int  # token buffer = KV cache slots
+  switch: bool = False  # compile the plain-round branch and pick per round (jaxspec.policy)
 
   @property
   def k(self) -> int:
@@ -59,6 +65,16 @@ class Stats:
   rounds: jax.Array  # [] loop iterations
   nonfinite: jax.Array  # [B] bool: the target produced a NaN/inf logit for this live row
   drafted: jax.Array  # [B] drafts handed to verification while live (empty slots excluded)
+  spec_rounds: jax.Array  # [] rounds that verified drafts (the others decoded one token)
+
+
+@struct.dataclass
+class Control:
+  """What the speculation switch has seen (`EngineSpec.switch`)."""
+
+  tau: jax.Array  # [B] float32: running mean of tokens per speculative round (accepted + 1)
+  streak: jax.Array  # [] plain rounds since the last speculative one
+  gap: jax.Array  # [] plain rounds before the next probe of speculation
 
 
 @struct.dataclass
@@ -71,6 +87,7 @@ class State:
   dstate: Any  # drafter state
   key: jax.Array  # [B] one key per row (folded from the seed and the row's id)
   stats: Stats
+  ctl: Control | None = None  # with EngineSpec.switch
 
 
 @struct.dataclass
@@ -80,6 +97,9 @@ class Inputs:
   sp: SamplingParams
   max_new: jax.Array  # [] int32
   stop: jax.Array  # [B, MAX_STOP] int32, -1 padded
+  mode: jax.Array | None = None  # [] int32 MODE_*: the switch's mode (EngineSpec.switch)
+  ratio: jax.Array | None = None  # [] float32: seconds of a speculative / a plain round
+  margin: jax.Array | None = None  # [] float32: speculate when predicted this much faster
 
 
 def _is_stop(tokens: jax.Array, stop: jax.Array) -> jax.Array:
@@ -113,37 +133,72 @@ def _prefill(spec: EngineSpec, tparams, dparams, prompt, prompt_lens, live, inp:
                 accept_hist=jnp.zeros((b, spec.depth + 1), jnp.int32),
                 rounds=jnp.zeros((), jnp.int32),
                 nonfinite=live & ~jnp.isfinite(logits).all(axis=-1),
-                drafted=jnp.zeros((b,), jnp.int32))
+                drafted=jnp.zeros((b,), jnp.int32), spec_rounds=jnp.zeros((), jnp.int32))
+  ctl = None
+  if spec.switch:  # start optimistic, but not so far up that a useless drafter lingers
+    tau0 = jnp.minimum(spec.depth + 1.0, 2.0 * inp.ratio * (1.0 + inp.margin))
+    ctl = Control(tau=jnp.full((b,), tau0, jnp.float32), streak=jnp.zeros((), jnp.int32),
+                  gap=jnp.asarray(PROBE_GAP, jnp.int32))
   return State(seq=seq, n=prompt_lens + 1, prompt_lens=prompt_lens, done=done,
-               cache=out.cache.rewind(prompt_lens), dstate=dstate, key=key, stats=stats)
+               cache=out.cache.rewind(prompt_lens), dstate=dstate, key=key, stats=stats,
+               ctl=ctl)
 
 
 def _round(spec: EngineSpec, tparams, dparams, inp: Inputs, s: State) -> State:
-  """Propose, verify in one target forward, commit the accepted prefix, rewind the rest."""
-  b = s.seq.shape[0]
-  d = spec.drafter
+  """One round: speculative, or (with the switch) plain when speculation does not pay."""
   key, k_draft, k_verify = sampling.split(s.key, 3)
   r = Round(tparams=tparams, tcache=s.cache, seq=s.seq, n=s.n, key=k_draft, sp=inp.sp)
+  if not spec.switch:
+    return _speculate(spec, tparams, dparams, inp, s, r, k_verify).replace(key=key)
+  s = jax.lax.cond(_speculate_now(inp, s),
+                   lambda s: _speculate(spec, tparams, dparams, inp, s, r, k_verify),
+                   lambda s: _plain(spec, tparams, dparams, inp, s, r, k_verify), s)
+  return s.replace(key=key)
+
+
+def _mean_tau(s: State) -> jax.Array:
+  live = ~s.done
+  return jnp.sum(jnp.where(live, s.ctl.tau, 0.0)) / jnp.maximum(1, jnp.sum(live))
+
+
+def _speculate_now(inp: Inputs, s: State) -> jax.Array:
+  """[] bool: speculation is predicted to beat plain decoding, or a probe is due."""
+  auto = (_mean_tau(s) > inp.ratio * (1.0 + inp.margin)) | (s.ctl.streak >= s.ctl.gap)
+  return jnp.where(inp.mode == MODE_PLAIN, False, jnp.where(inp.mode == MODE_SPECULATE, True,
+                                                            auto))
+
+
+def _commit(spec: EngineSpec, inp: Inputs, s: State, emit: jax.Array, n_acc: jax.Array):
+  """Writes up to n_acc + 1 tokens of emit [B, T] per live row, cut at max_new_tokens and at
+  the first stop token. Returns (seq, n, done)."""
+  b = s.seq.shape[0]
+  live = ~s.done
+  count = jnp.minimum(n_acc + 1, inp.max_new - (s.n - s.prompt_lens))
+  j = jnp.arange(emit.shape[1])[None, :]
+  stop_hit = _is_stop(emit, inp.stop) & (j < count[:, None])
+  has_stop = jnp.any(stop_hit, axis=1)
+  count = jnp.where(has_stop, jnp.argmax(stop_hit, axis=1) + 1, count)
+  count = jnp.where(live, count, 0)
+  idx = s.n[:, None] + j  # [B, T] buffer positions of the emitted tokens
+  old = jnp.take_along_axis(s.seq, jnp.clip(idx, 0, spec.buf_len - 1), axis=1)
+  rows = jnp.arange(b)[:, None]
+  seq = s.seq.at[rows, idx].set(jnp.where(j < count[:, None], emit, old), mode="drop")
+  n = s.n + count
+  done = s.done | has_stop | (n - s.prompt_lens >= inp.max_new)
+  return seq, n, done
+
+
+def _speculate(spec: EngineSpec, tparams, dparams, inp: Inputs, s: State, r: Round,
+               k_verify) -> State:
+  """Propose, verify in one target forward, commit the accepted prefix, rewind the rest."""
+  d = spec.drafter
+  live = ~s.done
   dstate, prop = d.propose(dparams, s.dstate, r)
   tokens, positions, tree_mask = prop.target_inputs(s.seq, s.n)  # [B, T]
   out = forward(tparams, spec.target, tokens, s.cache if prop.tcache is None else prop.tcache,
                 positions=positions, tree_mask=tree_mask)
   v = verify.proposal(k_verify, prop, out.logits, d.mode, r.sp)
-
-  # Commit up to n_acc + 1 tokens, cut at max_new_tokens and at the first stop token.
-  live = ~s.done
-  count = jnp.minimum(v.n_acc + 1, inp.max_new - (s.n - s.prompt_lens))
-  j = jnp.arange(v.tokens.shape[1])[None, :]
-  stop_hit = _is_stop(v.tokens, inp.stop) & (j < count[:, None])
-  has_stop = jnp.any(stop_hit, axis=1)
-  count = jnp.where(has_stop, jnp.argmax(stop_hit, axis=1) + 1, count)
-  count = jnp.where(live, count, 0)
-  idx = s.n[:, None] + j  # [B, depth+1] buffer positions of the emitted tokens
-  old = jnp.take_along_axis(s.seq, jnp.clip(idx, 0, spec.buf_len - 1), axis=1)
-  rows = jnp.arange(b)[:, None]
-  seq = s.seq.at[rows, idx].set(jnp.where(j < count[:, None], v.tokens, old), mode="drop")
-  n = s.n + count
-  done = s.done | has_stop | (n - s.prompt_lens >= inp.max_new)
+  seq, n, done = _commit(spec, inp, s, v.tokens, v.n_acc)
   cache = prop.keep_path(out.cache, s.n - 1, v.path).rewind(n - 1)
   dstate = d.commit(dparams, dstate, r, Accepted(
       n_new=n, n_acc=v.n_acc, path=v.path, hidden=prop.along_path(out.hidden, v.path),
@@ -152,10 +207,41 @@ def _round(spec: EngineSpec, tparams, dparams, inp: Inputs, s: State) -> State:
   hist = s.stats.accept_hist + (jax.nn.one_hot(v.n_acc, spec.depth + 1, dtype=jnp.int32) *
                                 live[:, None].astype(jnp.int32))
   bad = ~jnp.isfinite(out.logits).all(axis=(1, 2))  # [B] NaN / inf in this verify pass
-  stats = Stats(target_calls=s.stats.target_calls + live.astype(jnp.int32), accept_hist=hist,
-                rounds=s.stats.rounds + 1, nonfinite=s.stats.nonfinite | (live & bad),
-                drafted=s.stats.drafted + jnp.where(live, prop.drafted(), 0).astype(jnp.int32))
-  return s.replace(seq=seq, n=n, done=done, cache=cache, dstate=dstate, key=key, stats=stats)
+  stats = s.stats.replace(
+      target_calls=s.stats.target_calls + live.astype(jnp.int32), accept_hist=hist,
+      rounds=s.stats.rounds + 1, nonfinite=s.stats.nonfinite | (live & bad),
+      drafted=s.stats.drafted + jnp.where(live, prop.drafted(), 0).astype(jnp.int32),
+      spec_rounds=s.stats.spec_rounds + 1)
+  ctl = s.ctl
+  if ctl is not None:  # each live row's running tau; probes back off while they fail
+    tau = jnp.where(live, (1 - TAU_DECAY) * ctl.tau + TAU_DECAY * (v.n_acc + 1.0), ctl.tau)
+    probe = ctl.streak >= ctl.gap
+    pays = _mean_tau(s.replace(ctl=ctl.replace(tau=tau))) > inp.ratio * (1.0 + inp.margin)
+    gap = jnp.where(pays, PROBE_GAP, jnp.where(probe, jnp.minimum(2 * ctl.gap, MAX_PROBE_GAP),
+                                                ctl.gap))
+    ctl = Control(tau=tau, streak=jnp.zeros_like(ctl.streak), gap=gap.astype(jnp.int32))
+  return s.replace(seq=seq, n=n, done=done, cache=cache, dstate=dstate, stats=stats, ctl=ctl)
+
+
+def _plain(spec: EngineSpec, tparams, dparams, inp: Inputs, s: State, r: Round,
+           k_verify) -> State:
+  """One target forward of the pending token: plain decoding inside a speculative program.
+  The drafter only keeps its state in step (`DrafterSpec.commit_plain`)."""
+  d = spec.drafter
+  live = ~s.done
+  pending = jnp.take_along_axis(s.seq, (s.n - 1)[:, None], axis=1)  # [B, 1]
+  out = forward(tparams, spec.target, pending, s.cache)
+  none = jnp.zeros((pending.shape[0], 0), jnp.int32)
+  n_acc, emit = verify.chain(k_verify, none, None, out.logits, d.mode, r.sp)  # [B], [B, 1]
+  seq, n, done = _commit(spec, inp, s, emit, n_acc)
+  dstate = d.commit_plain(dparams, s.dstate, r, Accepted(
+      n_new=n, n_acc=n_acc, path=jnp.zeros_like(pending), hidden=out.hidden, tokens=pending,
+      logits=out.logits))
+  bad = ~jnp.isfinite(out.logits).all(axis=(1, 2))
+  stats = s.stats.replace(target_calls=s.stats.target_calls + live.astype(jnp.int32),
+                          rounds=s.stats.rounds + 1, nonfinite=s.stats.nonfinite | (live & bad))
+  return s.replace(seq=seq, n=n, done=done, cache=out.cache.rewind(n - 1), dstate=dstate,
+                   stats=stats, ctl=s.ctl.replace(streak=s.ctl.streak + 1))
 
 
 def _run(spec: EngineSpec, tparams, dparams, inp: Inputs, state: State, max_rounds) -> State:

@@ -15,6 +15,7 @@ sampling values or another seed never recompile.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 
 import jax
@@ -25,6 +26,7 @@ from jaxspec import engine, sampling, validate
 from jaxspec.drafters.base import Drafter, NoDraft
 from jaxspec.models import Model
 
+SPECULATE = ("auto", "always")
 PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 BUF_ALIGN = 128
 
@@ -81,9 +83,17 @@ class Plan:
 
 def prepare(model: Model, prompts, *, drafter=None, max_new_tokens: int = 128,
             temperature: float = 0.0, top_k=None, top_p=None, seed: int = 0, stop_tokens=None,
-            mesh=None) -> Plan:
+            mesh=None, speculate: str | None = None) -> Plan:
   """Validates every argument, tokenizes and pads the prompts, binds the drafter and fixes the
-  program's shapes (batch and prompt buckets, buffer length)."""
+  program's shapes (batch and prompt buckets, buffer length).
+
+  speculate: "auto" compiles the speculation switch with a drafter (each round speculates
+  only when it is predicted to pay; `jaxspec.policy` sets its measured cost ratio), "always"
+  speculates every round; None: $JAXSPEC_SPECULATE, else "auto"."""
+  if speculate is None:
+    speculate = os.environ.get("JAXSPEC_SPECULATE", "auto")
+  if speculate not in SPECULATE:
+    raise ValueError(f"speculate must be one of {SPECULATE}, got {speculate!r}")
   if not isinstance(model, Model):
     raise TypeError(f"model must be a jaxspec Model (from jaxspec.load_model), got "
                     f"{type(model).__name__}")
@@ -125,10 +135,15 @@ def prepare(model: Model, prompts, *, drafter=None, max_new_tokens: int = 128,
   live = np.arange(bb) < b
   stop = stop_array(model, stop_tokens, b)
   stop = np.concatenate([stop, np.full((bb - b, engine.MAX_STOP), -1, np.int32)])
+  switch = drafter is not None and speculate == "auto"
   spec = engine.EngineSpec(target=model.config, drafter=dspec, batch=bb, prompt_len=p,
-                           buf_len=buf)
+                           buf_len=buf, switch=switch)
   inputs = engine.Inputs(sp=sp, max_new=jnp.asarray(max_new_tokens, jnp.int32),
                          stop=jnp.asarray(stop))
+  if switch:  # until jaxspec.policy measures it: a speculative round costs a plain one
+    inputs = inputs.replace(mode=jnp.asarray(engine.MODE_AUTO, jnp.int32),
+                            ratio=jnp.asarray(1.0, jnp.float32),
+                            margin=jnp.asarray(0.05, jnp.float32))
   return Plan(spec, dparams, prompt, lens, live, inputs, jax.random.key(seed), b,
               int(max_new_tokens), mesh)
 

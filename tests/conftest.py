@@ -5,6 +5,9 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Speculate every round unless a test asks for the switch (speculate="auto", tests/test_policy.py):
+# the equality tests then exercise speculation, not the plain rounds a tiny model would pick.
+os.environ.setdefault("JAXSPEC_SPECULATE", "always")
 
 import pathlib  # noqa: E402
 

@@ -12,6 +12,7 @@ Inside the compiled loop the engine calls, for every drafter alike:
     dstate = spec.init(params, Prefill(...))                     # once, after the prefill
     dstate, proposal = spec.propose(params, dstate, Round(...))  # every round
     dstate = spec.commit(params, dstate, Round(...), Accepted(...))
+    dstate = spec.commit_plain(...)   # rounds the speculation switch decoded plainly
 
 Every hook is declared here with a default, so the engine never asks a drafter what it is.
 
@@ -182,6 +183,13 @@ class DrafterSpec:
 
   def commit(self, params, dstate, r: Round, a: Accepted):
     return dstate
+
+  def commit_plain(self, params, dstate, r: Round, a: Accepted):
+    """A round that verified no drafts (the speculation switch chose plain decoding; see
+    `jaxspec.policy`): one token committed, `a` has depth 0 (path [B, 1], hidden [B, 1, D]).
+    Drafters whose state follows the committed tokens keep it in step here; the default
+    treats it as any other commit."""
+    return self.commit(params, dstate, r, a)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -65,6 +65,12 @@ class DraftModelSpec(DrafterSpec):
                                     self.tree)
     return DraftState(cache=cache, node_slot=node_slot), Proposal.from_tree(self.tree, arrays)
 
+  def commit_plain(self, params, st: DraftState, r: Round, a: Accepted):
+    # One token committed: feed seq[n-2] so the cache again lacks at most the last two.
+    cache = forward(params, self.draft, last_tokens(r.seq, r.n, 2)[:, :1],
+                    st.cache.rewind(r.n - 2), logits=False).cache
+    return st.replace(cache=cache)
+
   def commit(self, params, st: DraftState, r: Round, a: Accepted):
     if self.tree is None:
       return st  # chain drafts sit in their own slots already; propose rewinds

@@ -162,6 +162,13 @@ class EagleSpec(DrafterSpec):
     cache, arrays, _ = grow(feed, cache, first, pending, base, self.tree, root_feat=g[:, 0])
     return st.replace(cache=cache, drafts=arrays.tokens), Proposal.from_tree(self.tree, arrays)
 
+  def commit_plain(self, params, st: EagleState, r: Round, a: Accepted):
+    # One token committed: feed position n-2 = (true f_{n-2}, pending token), as a round's
+    # root feed does; the new feat is the verify pass's true feature at the pending token.
+    _, cache = step(params, r.tparams, self.head, st.feat[:, None], last_tokens(r.seq, r.n, 1),
+                    st.cache.rewind(r.n - 2))
+    return st.replace(cache=cache, feat=a.hidden[:, 0])
+
   def commit(self, params, st: EagleState, r: Round, a: Accepted):
     # Re-feed positions n-1 .. n+D-2 with the verify pass's true features of the verified
     # positions along the accepted path (a.hidden [B, D+1, Dm], fixed shape) and the drafted

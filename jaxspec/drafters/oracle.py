@@ -28,6 +28,7 @@ class OracleSpec(DrafterSpec):
     b = r.seq.shape[0]
     if ref.shape[0] < b:  # batch padded to a bucket
       ref = jnp.pad(ref, ((0, b - ref.shape[0]), (0, 0)))
+    ref = ref[:b]  # row i replays reference[i]; rows past the batch are never used
     done_out = r.n - prompt_lens  # tokens generated so far
     idx = done_out[:, None] + jnp.arange(self.k)[None, :]
     toks = jnp.take_along_axis(ref, jnp.clip(idx, 0, ref.shape[1] - 1), axis=1)

@@ -1,0 +1,143 @@
+"""The speculation switch (jaxspec.policy, engine `_speculate` / `_plain` under one lax.cond):
+lossless for every drafter whichever branch a round takes, compiled once, and settling on plain
+decoding when the drafter does not pay."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from scipy import stats as sstats
+
+import jaxspec
+from jaxspec import drafters, engine, policy, session, trees
+from jaxspec.drafters import eagle, medusa
+from conftest import tiny_model, truncated
+
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
+PROMPTS = ["Once upon a time", "The little bird", "One day, Lily went"]
+N_NEW = 40
+
+
+def _run(model, drafter, ratio, prompts=PROMPTS, n_new=N_NEW, **kw):
+  """Greedy (unless kw says otherwise) through the switch with a given cost ratio:
+  (tokens per row, plain rounds, speculative rounds, accept histogram)."""
+  plan = session.prepare(model, prompts, drafter=drafter, max_new_tokens=n_new,
+                         stop_tokens=(), speculate="auto", **kw)
+  plan, _ = policy.calibrated(model, drafter, plan, ratio=ratio)
+  state, _ = session.start(model, plan)
+  state, _ = session.run_rounds(model, plan, state, 1 << 30)
+  seq, n, lens, rounds, spec, hist = session.fetch(
+      (state.seq, state.n, state.prompt_lens, state.stats.rounds, state.stats.spec_rounds,
+       state.stats.accept_hist))
+  tokens = [seq[i, lens[i]:n[i]].tolist() for i in range(len(prompts))]
+  return tokens, int(rounds) - int(spec), int(spec), hist[:len(prompts)]
+
+
+def _heads(cfg):
+  ec = eagle.EagleConfig(cfg)
+  mc = medusa.MedusaConfig(cfg, n_heads=4)
+  return (drafters.EagleHead(params=eagle.init_params(ec), config=ec),
+          drafters.MedusaHeads(params=medusa.init_params(mc), config=mc))
+
+
+@pytest.fixture(scope="module")
+def plain(stories):
+  return jaxspec.generate(stories, PROMPTS, max_new_tokens=N_NEW, stop_tokens=()).tokens
+
+
+def _drafters(stories):
+  head, heads = _heads(stories.config)
+  small = truncated(stories, 4)
+  return {
+      "ngram": drafters.NGram(k=4),
+      "ngram-tree": drafters.NGram(k=3, tree=trees.Static.chains(3, 3)),
+      "early-exit-tree": drafters.EarlyExit(layers=3, tree=trees.Dynamic(nodes=8, topk=2,
+                                                                         depth=3)),
+      "draft": drafters.DraftModel(small, k=4),
+      "draft-tree": drafters.DraftModel(small, tree=trees.Static.from_branching((2, 2, 1))),
+      "recycling": drafters.Recycling(),
+      "eagle": drafters.Eagle(head, k=3),
+      "medusa": drafters.Medusa(heads, k=3),
+  }
+
+
+@pytest.mark.parametrize("name", ["ngram", "ngram-tree", "early-exit-tree", "draft",
+                                  "draft-tree", "recycling", "eagle", "medusa"])
+def test_switch_is_lossless_for_every_drafter(stories, plain, name):
+  """ratio 100: speculation never pays, so rounds are plain with speculative probes now and then
+  (the drafter's state must follow the plain rounds); ratio 0.5: every round speculates."""
+  d = _drafters(stories)[name]
+  tokens, n_plain, n_spec, hist = _run(stories, d, ratio=100.0)
+  assert tokens == plain
+  assert n_plain > 0 and n_spec > 0  # both branches ran, interleaved
+  tokens, n_plain, _, _ = _run(stories, d, ratio=0.5)
+  assert tokens == plain and n_plain == 0
+
+
+def test_drafter_state_follows_plain_rounds(stories, plain):
+  """A draft model equal to the target accepts every draft; after plain streaks (its cache fed
+  by commit_plain) its probes still do. A stale draft cache would draft from a wrong context."""
+  d = drafters.DraftModel(truncated(stories, stories.config.n_layers), k=4)
+  _, _, _, hist_spec = _run(stories, d, ratio=0.5)
+  _, n_plain, n_spec, hist_mixed = _run(stories, d, ratio=100.0)
+  mean = lambda h: float((h.sum(0) * np.arange(h.shape[1])).sum() / max(1, h.sum()))
+  assert n_plain > n_spec
+  assert mean(hist_mixed) >= 0.9 * mean(hist_spec) > 3.5
+
+
+def test_always_wrong_drafter_settles_on_plain(stories, plain):
+  """Measured costs, a drafter whose every draft is wrong: after a few speculative rounds the
+  loop decodes plainly, probing speculation at growing gaps (8, 16, 32, ...)."""
+  bad = drafters.Oracle([t + [0] * 8 for t in plain], k=4, correct=0)
+  out = jaxspec.generate(stories, PROMPTS, drafter=bad, max_new_tokens=N_NEW, stop_tokens=(),
+                         speculate="auto")
+  assert out.tokens == plain
+  n_spec = out.stats.rounds_by_tokens.get(5, 0)
+  assert out.stats.rounds_by_tokens[1] >= N_NEW - 1 - n_spec
+  assert n_spec <= 6, out.stats.rounds_by_tokens
+  assert out.stats.switch_ratio > 0 and out.stats.calibration_s > 0
+  # A drafter that is always right keeps speculating (given a ratio it beats).
+  good = drafters.Oracle([t + [0] * 8 for t in plain], k=4)
+  _, n_plain, n_spec, _ = _run(stories, good, ratio=2.0)
+  assert n_plain == 0 and n_spec > 0
+
+
+def test_switch_compiles_once_and_calibrates_once(stories):
+  d = drafters.NGram(k=3)
+  first = jaxspec.generate(stories, ["Once upon a time"], drafter=d, max_new_tokens=24,
+                           speculate="auto")
+  before = engine.compile_count
+  again = jaxspec.generate(stories, ["The cat sat on"], drafter=d, max_new_tokens=20, seed=3,
+                           speculate="auto")
+  assert engine.compile_count == before
+  assert again.stats.switch_ratio == first.stats.switch_ratio  # the cached measurement
+  with pytest.raises(ValueError, match="speculate must be one of"):
+    jaxspec.generate(stories, ["x"], drafter=d, speculate="sometimes")
+
+
+@pytest.mark.parametrize("ratio", [100.0, 0.01])
+def test_switch_sampling_is_exact(ratio):
+  """Temperature 1 on a 64-token model, 8192 rows: the second emitted token (the first round:
+  plain with ratio 100, speculative with ratio 0.01) follows the target's own marginal."""
+  model = tiny_model(seed=3, max_seq_len=64)
+  d = drafters.DraftModel(truncated(model, 1), k=2)
+  prompt = [5, 9, 2]
+  rows = 8192
+  tokens, n_plain, n_spec, _ = _run(model, d, ratio, prompts=[prompt] * rows, n_new=2,
+                                    temperature=1.0, seed=11)
+  assert (n_plain > 0) == (ratio > 1) and (n_spec > 0) == (ratio < 1)
+  second = np.array([t[1] for t in tokens])
+  v = model.config.vocab_size
+  p1 = np.asarray(jax.nn.softmax(jaxspec.logits(model, [prompt])[0, -1]), np.float64)
+  p2 = np.asarray(jax.nn.softmax(jaxspec.logits(model, [prompt + [t] for t in range(v)])[:, -1],
+                                 axis=-1), np.float64)
+  law = p1 @ p2
+  law /= law.sum()
+  counts = np.bincount(second, minlength=v)
+  exp = law * rows
+  keep = exp >= 5
+  obs = np.append(counts[keep], counts[~keep].sum())
+  exp = np.append(exp[keep], exp[~keep].sum())
+  assert sstats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue > 1e-4
