@@ -3,51 +3,19 @@ SWIFT family), sharing the target's weights, head and KV cache.
 
 The draft's K/V for layers < `layers` are exactly the target's (same weights, same inputs), so
 the draft reads the target cache directly. Draft entries it writes past the committed length are
-overwritten by the verification pass, which rewrites every layer at those slots.
+overwritten by the verification pass, which rewrites every layer at those slots. It runs as
+`layer_skip.LayerSkipSpec` with the prefix `0 .. layers - 1` as its skip set.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from jaxspec.models import Model, forward
+from jaxspec.models import Model
 
 from . import registry
-from .base import Drafter, DrafterSpec, Proposal, Round, check_int, last_tokens
-from .chain import draft_chain
-from .tree_draft import grow
-
-
-@dataclasses.dataclass(frozen=True)
-class EarlyExitSpec(DrafterSpec):
-  layers: int = 1
-  stop_below: float | None = None
-
-  @property
-  def draft_forwards(self) -> int:
-    return self.k
-
-  def propose(self, params, dstate, r: Round):
-    tp = r.tparams
-    pending = last_tokens(r.seq, r.n, 1)[:, 0]
-    if self.tree is None:
-      def step(cache, tok):
-        o = forward(tp, self.target, tok[:, None], cache, n_layers=self.layers)
-        return o.cache, o.logits[:, 0]
-
-      cache, first = step(r.tcache, pending)
-      cache, tokens, probs = draft_chain(step, cache, first, self.k, r.key, self.mode, r.sp,
-                                         self.stop_below)
-      return dstate, Proposal.chain(tokens, probs, tcache=cache.rewind(r.n - 1))
-
-    def feed(cache, toks, pos, base, tree_mask, parent):
-      o = forward(tp, self.target, toks, cache, positions=pos, mask_base=base,
-                  tree_mask=tree_mask, n_layers=self.layers)
-      return o.cache, o.logits, None
-
-    root = forward(tp, self.target, pending[:, None], r.tcache, n_layers=self.layers)
-    cache, arrays, _ = grow(feed, root.cache, root.logits[:, 0], pending, r.n - 1, self.tree)
-    return dstate, Proposal.from_tree(self.tree, arrays, tcache=cache.rewind(r.n - 1))
+from .base import Drafter, check_int
+from .layer_skip import LayerSkipSpec
 
 
 @registry.register("early-exit", usage="early-exit:L", aliases=("early_exit", "earlyexit"),
@@ -69,8 +37,9 @@ class EarlyExit(Drafter):
     if self.layers >= target.config.n_layers:
       raise ValueError(f"EarlyExit(layers={self.layers}) must use fewer layers than the target "
                        f"has ({target.config.n_layers})")
-    return EarlyExitSpec(k=self.k, target=target.config, layers=self.layers, tree=self.tree,
-                         stop_below=self.stop_below), None
+    # The first `layers` layers: a prefix is the layer-skip drafter's simplest skip set.
+    return LayerSkipSpec(k=self.k, target=target.config, layers=tuple(range(self.layers)),
+                         tree=self.tree, stop_below=self.stop_below), None
 
   def draft_forward(self, target):
     return target.params, target.config, self.layers
