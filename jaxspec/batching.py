@@ -130,7 +130,8 @@ def generate_many(model: Model, prompts: Iterable, *, batch_size: int = 16, draf
   planned from `max_prompt_tokens`, else from the longest prompt (a list: all of them; an
   iterator: its first 4 * batch_size); a longer prompt later is an error naming
   max_prompt_tokens, never a truncation. insert_size: prompts prefilled per refill (default
-  batch_size // 4). max_rounds: rounds per loop call (a bound on how long a call may keep the
+  batch_size // 16, at least 1: a slot waits for at most that many others to free up before it
+  is refilled). max_rounds: rounds per loop call (a bound on how long a call may keep the
   host waiting).
 
   Validation and planning happen here; the compiled work runs as the iterator is consumed.
@@ -151,7 +152,7 @@ def generate_many(model: Model, prompts: Iterable, *, batch_size: int = 16, draf
   pr = session.prepare(model, [[0] * longest] * slots, drafter=drafter,
                        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                        top_p=top_p, seed=seed, stop_tokens=stop_tokens, mesh=mesh)
-  width = max(1, slots // 4) if insert_size is None else _positive("insert_size", insert_size)
+  width = max(1, slots // 16) if insert_size is None else _positive("insert_size", insert_size)
   width = min(width, slots)
   if mesh is not None:
     data = mesh.shape.get("data", 1)

@@ -46,7 +46,7 @@ def add_arguments(p) -> None:
   p.add_argument("--skip-bad-lines", action="store_true",
                  help="report malformed or too-long input lines and go on (default: stop)")
   p.add_argument("--insert-size", type=int, default=None,
-                 help="prompts prefilled per refill (default batch-size / 4)")
+                 help="prompts prefilled per refill (default batch-size / 16, at least 1)")
   p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                  help="progress bar on stderr (default: when stderr is a terminal)")
 

@@ -76,7 +76,7 @@ def main() -> None:
   model = jaxspec.load_model(a.model, progress=False)
   texts = pick_prompts(model, a.num_prompts, a.max_new_tokens)
   print(f"{model.name}: {len(texts)} Spec-Bench prompts, batch {a.batch_size}, "
-        f"max_new_tokens {a.max_new_tokens}, insert size {a.insert_size or a.batch_size // 4}")
+        f"max_new_tokens {a.max_new_tokens}, insert size {a.insert_size or max(1, a.batch_size // 16)}")
   lengths = [0] * len(texts)
   continuous(model, texts, a.batch_size, None, a.max_new_tokens, a.insert_size, lengths)
   print(f"output lengths: {sorted(lengths)[len(lengths) // 2]} median, "
