@@ -88,6 +88,16 @@ def test_sampled_depends_only_on_seed_and_id(stories):
   assert [m[i] for i in range(4)] == g
 
 
+def test_mesh_equals_single_device(stories, plain):
+  """Slots over a 2 x 4 mesh: rows (and inserts) over "data", heads over "tensor"."""
+  from jaxspec import sharding
+  mesh = sharding.make_mesh(data=2, tensor=4)
+  out = {c.index: c.tokens for c in generate_many(
+      stories, PROMPTS[:6], batch_size=4, drafter=drafter_for("chain", stories),
+      max_new_tokens=N_NEW, stop_tokens=STOP, mesh=mesh)}
+  assert [out[i] for i in range(6)] == plain[:6]
+
+
 @pytest.mark.parametrize("prompts,kw,match", [
     ([], {}, "empty"),
     ([{"id": 1, "prompt": "a"}, {"id": 1, "prompt": "b"}], {}, "appears twice"),
@@ -141,7 +151,8 @@ def _env():
   return env
 
 
-def test_run_killed_with_sigkill_resumes(tmp_path, reference):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_run_killed_resumes(tmp_path, reference, sig):
   inp, out = _write_input(tmp_path / "in.jsonl"), tmp_path / "out.jsonl"
   cmd = [sys.executable, "-m", "jaxspec.cli", "run", "--input", str(inp), "--output", str(out),
          *RUN_ARGS]
@@ -151,8 +162,8 @@ def test_run_killed_with_sigkill_resumes(tmp_path, reference):
     if out.exists() and out.read_bytes().count(b"\n") >= 3:
       break
     time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  proc.send_signal(sig)
+  assert proc.wait() in (-signal.SIGKILL, 128 + signal.SIGTERM)
   written = out.read_bytes().count(b"\n")
   assert 3 <= written < 40, written  # killed in the middle
   with open(out, "ab") as f:  # and as if the kill had cut a line short
