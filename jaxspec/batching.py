@@ -219,7 +219,7 @@ class _Runner:
   def _fetch(self, state):
     tree = (state.done, state.n, state.prompt_lens, state.seq, state.stats.target_calls,
             state.stats.accept_hist, state.stats.nonfinite)
-    if self.pr.mesh is not None and jax.process_count() > 1:
+    if not state.done.is_fully_addressable:  # a mesh over every process: gather the rows
       return session.fetch(tree)
     return jax.device_get(tree)
 

@@ -16,7 +16,8 @@ settings, seed); a rerun with other settings refuses to mix them into it and say
 Many hosts: under `jaxspec.sharding.initialize()` (JAXSPEC_COORDINATOR / JAXSPEC_NUM_PROCESSES
 / JAXSPEC_PROCESS_ID, or JAXSPEC_AUTO_DISTRIBUTED=1 on a TPU pod) the same command runs on every
 host. Process i takes the input lines at positions i, i + n, i + 2n, .. (a fixed split of the
-file, whatever is already done) on its own devices and appends to `<output>.part-<i>`; no two
+file, whatever is already done) on its own devices (rows split over them: `--local-devices`)
+and appends to `<output>.part-<i>`; no two
 processes ever write the same id. When all are done, process 0 moves the parts' lines into
 `<output>` (ids already there skipped, so an interrupted merge resumes too).
 """
@@ -47,6 +48,8 @@ def add_arguments(p) -> None:
                  help="report malformed or too-long input lines and go on (default: stop)")
   p.add_argument("--insert-size", type=int, default=None,
                  help="prompts prefilled per refill (default batch-size / 16, at least 1)")
+  p.add_argument("--local-devices", type=int, default=-1,
+                 help="this process's devices to use, rows split over them (default -1: all)")
   p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                  help="progress bar on stderr (default: when stderr is a terminal)")
 
@@ -128,9 +131,14 @@ def _line_problem(obj) -> str | None:
 
 def settings_of(a, model) -> dict:
   """What decides the output text: weights, drafter, sampling, seed, chat wrapping."""
-  from jaxspec import fingerprint
+  import jax
+  import numpy as np
 
-  digest = hashlib.sha256(repr(fingerprint.of_model(model)).encode()).hexdigest()[:16]
+  h = hashlib.sha256(repr(model.config).encode())
+  for x in jax.tree.leaves(model.params):  # shapes, dtypes and leading values, not placement
+    h.update(repr((x.shape, str(x.dtype))).encode())
+    h.update(np.asarray(jax.device_get(x.reshape(-1)[:4096])).tobytes())
+  digest = h.hexdigest()[:16]
   drafting = a.drafter not in (None, "none")
   return {"model": a.model, "weights": digest, "drafter": a.drafter if drafting else None,
           "k": a.k if drafting else None, "tree": a.tree if drafting else None, "chat": a.chat,
@@ -269,9 +277,10 @@ def main(a, model=None, drafter=None) -> int:
   mine = a.output if nproc == 1 else f"{a.output}{PART}{pid}"
   check_writable(mine)
   lines, skipped = read_input(a.input, skip_bad=a.skip_bad_lines)
+  mesh = local_mesh(a.local_devices)
   if model is None:
     import jaxspec
-    model = jaxspec.load_model(a.model, progress=False)
+    model = jaxspec.load_model(a.model, progress=False, mesh=mesh)
   if drafter is None:
     from jaxspec.drafters import registry
     drafter = registry.parse(a.drafter, a.k, a.tree)
@@ -308,7 +317,7 @@ def main(a, model=None, drafter=None) -> int:
     jobs.append({"id": line.id, "prompt": ids})
 
   if jobs:
-    _generate(a, model, drafter, jobs, mine, tag, total_mine, done_mine, nproc, pid)
+    _generate(a, model, drafter, jobs, mine, tag, total_mine, done_mine, nproc, pid, mesh)
   if nproc > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("jaxspec run: every share written")
@@ -321,7 +330,22 @@ def main(a, model=None, drafter=None) -> int:
   return 0
 
 
-def _generate(a, model, drafter, jobs, mine, tag, total, already, nproc, pid) -> None:
+def local_mesh(n: int):
+  """A data-parallel mesh over this process's first n devices (-1: all); None for one."""
+  import jax
+
+  from jaxspec import sharding
+
+  have = jax.local_device_count()
+  if n == -1:
+    n = have
+  if not 1 <= n <= have:
+    raise ValueError(f"--local-devices must be -1 or in [1, {have}], got {n}")
+  return None if n == 1 else sharding.make_mesh(data=n, tensor=1,
+                                                devices=jax.local_devices()[:n])
+
+
+def _generate(a, model, drafter, jobs, mine, tag, total, already, nproc, pid, mesh) -> None:
   from jaxspec import batching
 
   show = a.progress if a.progress is not None else sys.stderr.isatty()
@@ -336,7 +360,8 @@ def _generate(a, model, drafter, jobs, mine, tag, total, already, nproc, pid) ->
     for c in batching.generate_many(
         model, jobs, batch_size=a.batch_size, drafter=drafter, max_new_tokens=a.max_new_tokens,
         temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
-        max_prompt_tokens=max(len(j["prompt"]) for j in jobs), insert_size=a.insert_size):
+        max_prompt_tokens=max(len(j["prompt"]) for j in jobs), insert_size=a.insert_size,
+        mesh=mesh):
       out.write({"id": c.id, "text": c.text, "tokens": c.tokens, "new_tokens": c.new_tokens,
                  "tau": round(c.tau, 4), "finish_reason": c.finish_reason,
                  "prompt_tokens": c.prompt_tokens, "settings": tag})

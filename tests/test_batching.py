@@ -130,8 +130,8 @@ def _read(path):
     return [json.loads(x) for x in f]
 
 
-def _run(*args):
-  return cli.main(["run", *args])
+def _run(*args):  # in this process (8 simulated devices): one of them
+  return cli.main(["run", *args, "--local-devices", "1"])
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +188,8 @@ def test_run_two_processes_split_the_input(tmp_path, reference):
   procs = []
   for i in range(2):
     env = dict(_env(), JAXSPEC_COORDINATOR=coordinator, JAXSPEC_NUM_PROCESSES="2",
-               JAXSPEC_PROCESS_ID=str(i))
+               JAXSPEC_PROCESS_ID=str(i),  # 2 devices each: rows over a local 2-device mesh
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
     procs.append(subprocess.Popen(
         [sys.executable, "-m", "jaxspec.cli", "run", "--input", str(inp), "--output", str(out),
          *RUN_ARGS], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
