@@ -290,12 +290,11 @@ def main(a, model=None, drafter=None) -> int:
   tag = settings_hash(settings)
   done = existing(a.output, settings, mine)
 
-  # Tokenize, check the context, and keep this process's share of what is left.
+  # Tokenize and check the context of every line (every process alike, so a bad line stops
+  # them all), then keep this process's share of what is left.
   ctx = model.config.max_seq_len
   jobs, total_mine, done_mine = [], 0, 0
   for pos, line in enumerate(lines):
-    if pos % nproc != pid:
-      continue
     item = {"id": line.id, "prompt": line.prompt}
     if line.chat or (a.chat and isinstance(line.prompt, str)):
       item = {"id": line.id, "messages": line.prompt if line.chat else
@@ -309,6 +308,8 @@ def main(a, model=None, drafter=None) -> int:
       _bad(a.input, line.number, f"prompt of {len(ids)} tokens + --max-new-tokens "
            f"{a.max_new_tokens} exceeds {model.name}'s context of {ctx} tokens",
            a.skip_bad_lines, skipped)
+      continue
+    if pos % nproc != pid:
       continue
     total_mine += 1
     if line.id in done:
@@ -327,6 +328,8 @@ def main(a, model=None, drafter=None) -> int:
     print(f"jaxspec: {len(skipped)} input line(s) skipped: "
           f"{', '.join(map(str, skipped[:20]))}{' ...' if len(skipped) > 20 else ''}",
           file=sys.stderr)
+  print(f"jaxspec: run {pid}/{nproc}: {len(jobs)} new line(s), {done_mine} already written "
+        f"({a.output})", file=sys.stderr)
   return 0
 
 
