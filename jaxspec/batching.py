@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec import engine, session
+from jaxspec import engine, sampling, session
 from jaxspec.models import Model
 
 LOOKAHEAD = 4  # without max_prompt_tokens, an iterator is planned from its first 4 * slots
@@ -149,9 +149,14 @@ def generate_many(model: Model, prompts: Iterable, *, batch_size: int = 16, draf
   if max_prompt_tokens is None:
     max_prompt_tokens = max(len(j.ids) for j in ahead)
   longest = _positive("max_prompt_tokens", max_prompt_tokens)
+  # Sampled runs speculate every round: the in-graph speculation switch decides for the whole
+  # batch, and plain and speculative rounds draw differently, so it would tie a row's draws to
+  # its neighbours. Greedy output is the same either way, so greedy runs keep the switch.
+  greedy = sampling.make(temperature, top_k, top_p)[0].greedy
   pr = session.prepare(model, [[0] * longest] * slots, drafter=drafter,
                        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                       top_p=top_p, seed=seed, stop_tokens=stop_tokens, mesh=mesh)
+                       top_p=top_p, seed=seed, stop_tokens=stop_tokens, mesh=mesh,
+                       speculate=None if greedy else "always")
   width = max(1, slots // 16) if insert_size is None else _positive("insert_size", insert_size)
   width = min(width, slots)
   if mesh is not None:

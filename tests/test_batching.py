@@ -80,9 +80,10 @@ def test_sampled_depends_only_on_seed_and_id(stories):
   c = {c.id: c.tokens for c in generate_many(stories, items, batch_size=8,
                                              **dict(kw, seed=8))}
   assert c != a
-  # Integer ids are the row index of `generate`: the same draws.
+  # Integer ids are the row index of `generate` (speculating every round, as sampled
+  # generate_many does): the same draws.
   kw.pop("max_prompt_tokens")
-  g = jaxspec.generate(stories, PROMPTS[:4], **kw).tokens
+  g = jaxspec.generate(stories, PROMPTS[:4], **kw, speculate="always").tokens
   m = {c.id: c.tokens for c in generate_many(stories, PROMPTS[:4], batch_size=2, **kw,
                                              max_prompt_tokens=MAXP)}
   assert [m[i] for i in range(4)] == g
