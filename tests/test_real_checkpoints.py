@@ -204,8 +204,12 @@ class TestQwenCoder05B(_Checks):
     gc.collect()
 
 
+@pytest.mark.skipif(os.environ.get("JAXSPEC_TEST_LARGE") != "1",
+                    reason="Qwen2.5-Coder-1.5B with its 0.5B draft peaks at about 17 GB in one "
+                           "worker, too much beside the rest of the suite on a 24 GB CI machine: "
+                           "run `JAXSPEC_TEST_LARGE=1 pytest tests/test_real_checkpoints.py` alone")
 class TestQwenCoder15B(_Checks):
-  """The target of the same-tokenizer pair; the 0.5B drafts for it."""
+  """The target of the same-tokenizer pair; the 0.5B drafts for it (opt-in: JAXSPEC_TEST_LARGE)."""
 
   @pytest.fixture(scope="class")
   @classmethod
