@@ -14,8 +14,10 @@ new seed never recompile. Compiled executables are cached per spec and counted
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import os
 import threading
 import time
 from typing import Any
@@ -357,13 +359,24 @@ class Programs:
   """Compiled executables, keyed by program name, `EngineSpec`, mesh and the arguments'
   structure, shapes, dtypes and placements.
 
+  Bounded: it keeps the `capacity` most recently used executables and drops the rest (a
+  long-lived process that meets many shapes would otherwise keep every executable's code and
+  memory mappings alive; XLA:CPU aborts once a process passes the kernel's map limit,
+  `vm.max_map_count`). The default, `JAXSPEC_PROGRAM_CACHE` or 64, holds every program a job
+  with a handful of prompt buckets uses.
+
   Thread-safe: when several threads need the same program, one compiles it and the others
   wait for it (never two compilations of one key). `count` is the number of executables this
   cache has built (tests assert it does not grow when nothing should recompile).
   """
 
-  def __init__(self):
-    self._exes: dict = {}
+  def __init__(self, capacity: int | None = None):
+    if capacity is None:
+      capacity = int(os.environ.get("JAXSPEC_PROGRAM_CACHE", "64"))
+    if capacity < 1:
+      raise ValueError(f"the program cache needs a capacity >= 1, got {capacity}")
+    self.capacity = capacity
+    self._exes: collections.OrderedDict = collections.OrderedDict()  # least recent first
     self._building: dict = {}  # key -> threading.Event, set when the build ends
     self._lock = threading.Lock()
     self.count = 0
@@ -374,6 +387,7 @@ class Programs:
     while True:
       with self._lock:
         if key in self._exes:
+          self._exes.move_to_end(key)
           return self._exes[key], 0.0
         event = self._building.get(key)
         if event is None:
@@ -386,6 +400,8 @@ class Programs:
       with self._lock:
         self._exes[key] = exe
         self.count += 1
+        while len(self._exes) > self.capacity:
+          self._exes.popitem(last=False)
       return exe, time.perf_counter() - t0
     finally:
       with self._lock:
@@ -426,7 +442,7 @@ PROGRAMS = Programs()  # the process-wide cache every entry point shares
 
 def compiled(name: str, spec: EngineSpec, *args, mesh=None, programs: Programs | None = None):
   """`programs.get(...)` on the process-wide cache unless another is given."""
-  return (programs or PROGRAMS).get(name, spec, *args, mesh=mesh)
+  return (PROGRAMS if programs is None else programs).get(name, spec, *args, mesh=mesh)
 
 
 def __getattr__(name: str):

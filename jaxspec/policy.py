@@ -80,7 +80,11 @@ def measure(model, drafter, plan: session.Plan, *, warm: int = WARM_ROUNDS,
   plain = _round_seconds(model, plan, engine.MODE_PLAIN, warm, rounds)
   spec = _round_seconds(model, plan, engine.MODE_SPECULATE, warm, rounds)
   ok = np.isfinite(spec) and np.isfinite(plain) and plain > 0
-  ratio = spec / plain if ok else 1.0
+  # A speculative round does all of a plain round's work and more (a target pass over k + 1
+  # tokens instead of 1, plus drafting), so a ratio below 1 is timing noise: a load spike
+  # while the plain branch was timed. Left in, it would make a drafter that is never right
+  # look worth running (tau 1 > ratio) and the loop would speculate every round.
+  ratio = max(1.0, spec / plain) if ok else 1.0
   if jax.process_count() > 1:  # every process must take the same branches
     from jax.experimental import multihost_utils
     ratio = float(multihost_utils.broadcast_one_to_all(np.float32(ratio)))

@@ -41,6 +41,19 @@ def smollm():
   return jaxspec.load_model(str(SMOLLM_GGUF), progress=False)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_executables():
+  """Drops every compiled executable after each test module. A worker runs hundreds of tests,
+  and each executable holds LLVM code mappings: kept all run long, they pass the kernel's
+  `vm.max_map_count` (65530) and XLA:CPU aborts inside a later compile."""
+  yield
+  import gc
+  from jaxspec import engine
+  engine.PROGRAMS.clear()
+  jax.clear_caches()
+  gc.collect()
+
+
 @pytest.fixture(scope="module")
 def fast_compile():
   """For compile-bound test modules: most XLA optimizations off (as flax's lm1b tests do).

@@ -199,3 +199,21 @@ def test_stream_matches_generate_without_recompiling(stories):
   before = engine.compile_count
   again = list(jaxspec.stream(stories, "The little bird", max_new_tokens=30, stop_tokens=()))
   assert engine.compile_count == before and len(again) > 1
+
+
+def test_program_cache_keeps_the_most_recent(stories):
+  """A bounded cache: the least recently used executable goes, and comes back by recompiling."""
+  from jaxspec import session
+  pr = session.prepare(stories, ["Once upon a time"], drafter=None, max_new_tokens=8,
+                       temperature=0.0, top_k=None, top_p=None, seed=0, stop_tokens=(),
+                       mesh=None)
+  progs = engine.Programs(capacity=1)
+  state, c_prefill = session.start(stories, pr, programs=progs)
+  state, c_run = session.run_rounds(stories, pr, state, 1 << 30, programs=progs)
+  assert c_prefill > 0 and c_run > 0 and progs.count == 2 and len(progs) == 1
+  _, c = session.run_rounds(stories, pr, state, 1 << 30, programs=progs)  # still cached
+  assert c == 0.0 and progs.count == 2
+  _, c = session.start(stories, pr, programs=progs)  # evicted: built again
+  assert c > 0 and progs.count == 3 and len(progs) == 1
+  with pytest.raises(ValueError, match="capacity >= 1"):
+    engine.Programs(capacity=0)
