@@ -164,16 +164,20 @@ def stop_rows(stop, batch: int, vocab_size: int, default=(),
               max_stop: int = MAX_STOP) -> list[list[int]]:
   """stop_tokens -> one list of ids per row. None: `default` (the tokenizer's EOS ids); a
   single id; a list of ids (every row); one list per row (at most `max_stop` each)."""
+  def scalar(x):  # a 0-d numpy array is its one value (np.int64(5) and np.array(5) alike)
+    return x.item() if isinstance(x, np.ndarray) and x.ndim == 0 else x
+
+  stop = scalar(stop)
   if stop is None:
     rows = [list(default)] * batch
   elif is_int(stop):
     rows = [[stop]] * batch
   elif isinstance(stop, (list, tuple, np.ndarray)):
-    seq = list(stop)
+    seq = [scalar(s) for s in stop]
     if seq and all(isinstance(s, (list, tuple, np.ndarray)) for s in seq):
       if len(seq) != batch:
         raise ValueError(f"per-row stop_tokens has {len(seq)} rows for {batch} prompts")
-      rows = [list(s) for s in seq]
+      rows = [[scalar(t) for t in s] for s in seq]
     else:
       rows = [seq] * batch
   else:

@@ -96,8 +96,14 @@ def test_always_wrong_drafter_settles_on_plain(stories, plain):
   assert out.tokens == plain
   n_spec = out.stats.rounds_by_tokens.get(5, 0)
   assert out.stats.rounds_by_tokens[1] >= N_NEW - 1 - n_spec
-  assert n_spec <= 6, out.stats.rounds_by_tokens
-  assert out.stats.switch_ratio > 0 and out.stats.calibration_s > 0
+  ratio = out.stats.switch_ratio
+  assert ratio >= 1.0 and out.stats.calibration_s > 0  # measured, floored at 1
+  # Each row's running tau starts at k + 1 and halves its distance to 1 per failed round, so
+  # the loop stops speculating after j rounds, 1 + 4 / 2**j <= ratio * (1 + margin): j <= 7
+  # for any ratio >= 1 (2 at a typical CPU ratio of 1.9); then probes at gaps 8, 16, ...
+  j = next(j for j in range(64) if 1 + 4 / 2 ** j <= ratio * (1 + policy.MARGIN))
+  probes = sum(1 for g in (8, 16, 32) if j + g <= N_NEW)
+  assert n_spec <= min(j, 7) + probes, (ratio, out.stats.rounds_by_tokens)
   # A drafter that is always right keeps speculating (given a ratio it beats).
   good = drafters.Oracle([t + [0] * 8 for t in plain], k=4)
   _, n_plain, n_spec, _ = _run(stories, good, ratio=2.0)
