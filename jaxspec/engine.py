@@ -149,13 +149,31 @@ def _prefill(spec: EngineSpec, tparams, dparams, prompt, prompt_lens, live, inp:
 def _round(spec: EngineSpec, tparams, dparams, inp: Inputs, s: State) -> State:
   """One round: speculative, or (with the switch) plain when speculation does not pay."""
   key, k_draft, k_verify = sampling.split(s.key, 3)
-  r = Round(tparams=tparams, tcache=s.cache, seq=s.seq, n=s.n, key=k_draft, sp=inp.sp)
+
+  def branch(fn):  # the round is built from the branch's own operand: no state is captured,
+    # so the cache reaches each branch once and is updated in place (a second, captured
+    # reference would make XLA copy both K and V on every round)
+    def go(s):
+      r = Round(tparams=tparams, tcache=s.cache, seq=s.seq, n=s.n, key=k_draft, sp=inp.sp)
+      return fn(spec, tparams, dparams, inp, s, r, k_verify)
+    return go
+
   if not spec.switch:
-    return _speculate(spec, tparams, dparams, inp, s, r, k_verify).replace(key=key)
-  s = jax.lax.cond(_speculate_now(inp, s),
-                   lambda s: _speculate(spec, tparams, dparams, inp, s, r, k_verify),
-                   lambda s: _plain(spec, tparams, dparams, inp, s, r, k_verify), s)
+    return branch(_speculate)(s).replace(key=key)
+  go = _speculate_now(inp, s)
+  s = _when(go, branch(_speculate), s)
+  s = _when(~go, branch(_plain), s)
   return s.replace(key=key)
+
+
+def _when(pred: jax.Array, fn, s):
+  """fn(s) if pred else s, as a while loop of zero or one iterations rather than a lax.cond:
+  XLA updates a while loop's carry in place, while a conditional's branches copy every operand
+  they write (here the whole K and V cache, every round: 1.5 ms of a 28 ms SmolLM2 step on
+  CPU, growing with the buffer)."""
+  def body(c):
+    return jnp.zeros_like(c[0]), fn(c[1])
+  return jax.lax.while_loop(lambda c: c[0], body, (pred, s))[1]
 
 
 def _mean_tau(s: State) -> jax.Array:

@@ -1,6 +1,6 @@
 """Speculation that never loses: the in-graph switch between speculative and plain rounds.
 
-With a drafter, the compiled loop holds two round programs under one `lax.cond`: a
+With a drafter, the compiled loop holds two round programs and runs one per round: a
 speculative round (draft, verify k + 1 tokens or a tree, commit) and a plain round (one target
 forward of one token; the drafter only keeps its state in step, `DrafterSpec.commit_plain`).
 Each round the graph picks one from what it has seen (`engine.Control`):

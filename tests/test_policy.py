@@ -1,4 +1,4 @@
-"""The speculation switch (jaxspec.policy, engine `_speculate` / `_plain` under one lax.cond):
+"""The speculation switch (jaxspec.policy, engine `_speculate` / `_plain`, one of them per round):
 lossless for every drafter whichever branch a round takes, compiled once, and settling on plain
 decoding when the drafter does not pay."""
 
@@ -147,3 +147,28 @@ def test_switch_sampling_is_exact(ratio):
   obs = np.append(counts[keep], counts[~keep].sum())
   exp = np.append(exp[keep], exp[~keep].sum())
   assert sstats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue > 1e-4
+
+
+@pytest.mark.parametrize("name", ["ngram", "early-exit"])
+def test_switch_adds_no_cache_copies(stories, name):
+  """The optimized loop with the switch holds no more copies of a whole K or V buffer than the
+  loop without it (a lax.cond made XLA copy both on every round)."""
+  drafter = (drafters.NGram(n=2, k=4) if name == "ngram" else drafters.EarlyExit(layers=2, k=3))
+
+  def cache_copies(speculate):
+    plan = session.prepare(stories, PROMPTS, drafter=drafter, max_new_tokens=N_NEW,
+                           speculate=speculate)
+    progs = engine.Programs()
+    state, _ = session.start(stories, plan, programs=progs)
+    shape = ",".join(map(str, state.cache.k.shape))
+    args = (stories.params, plan.dparams, plan.inputs, state, np.int32(4))
+    exe, _ = engine.compiled("run", plan.spec, *args, programs=progs)
+    lines = exe.as_text().splitlines()
+    return sum(f"[{shape}]" in x and " copy(" in x for x in lines)
+
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", False)  # copy insertion as users get it
+  try:
+    assert cache_copies("auto") <= cache_copies("always")
+  finally:
+    jax.config.update("jax_disable_most_optimizations", old)
