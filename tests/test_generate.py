@@ -217,3 +217,40 @@ def test_program_cache_keeps_the_most_recent(stories):
   assert c > 0 and progs.count == 3 and len(progs) == 1
   with pytest.raises(ValueError, match="capacity >= 1"):
     engine.Programs(capacity=0)
+
+
+def test_max_new_tokens_recompiles_only_past_its_buffer_bucket(stories):
+  """The KV cache is sized round_up(prompt bucket + max_new_tokens + draft room, 128): a
+  max_new_tokens in the same 128-slot bucket reuses the programs, one past it compiles the
+  prefill and the loop once more (as README and docs/architecture.md say)."""
+  jaxspec.generate(stories, ["Once upon a time"], max_new_tokens=100)  # 16 + 100 + 1 -> 128
+  before = engine.compile_count
+  jaxspec.generate(stories, ["Once upon a time"], max_new_tokens=110)  # still 128 slots
+  assert engine.compile_count == before
+  jaxspec.generate(stories, ["Once upon a time"], max_new_tokens=200)  # 256 slots
+  assert engine.compile_count == before + 2
+
+
+def test_concurrent_calls_compile_each_program_once(stories):
+  """Four threads asking for the same new programs at once: one compiles, the others wait
+  (never two compilations of one program), and all get the same tokens."""
+  import threading
+
+  before = engine.compile_count
+  barrier = threading.Barrier(4)
+  out, errors = [None] * 4, []
+
+  def call(i):
+    try:
+      barrier.wait()
+      out[i] = jaxspec.generate(stories, ["The little bird"], max_new_tokens=333).tokens
+    except Exception as e:  # surfaced below
+      errors.append(e)
+
+  threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=300)
+  assert not errors and all(o == out[0] for o in out)
+  assert engine.compile_count == before + 2  # prefill + loop, once each
