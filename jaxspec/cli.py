@@ -47,7 +47,7 @@ A run resumes from its latest checkpoint in --out (--no-resume starts over).
 """
 
 
-def parse_drafter(spec: str | None, k: int, tree=None):
+def parse_drafter(spec: str | None, k: int | None = None, tree=None):
   """'ngram[:N]' | 'early-exit:L' | 'draft:SRC' | ... -> a drafter (None for 'none'), from the
   drafter registry (`jaxspec.drafters.registry`)."""
   from jaxspec.drafters import registry
@@ -61,7 +61,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
   p.add_argument("--drafter", default=None,
                  help="none | ngram[:N] | early-exit:L | draft:SRC | recycling | medusa:CKPT | "
                       "eagle:CKPT (default: none)")
-  p.add_argument("--k", type=int, default=4, help="draft tokens per round (default 4)")
+  p.add_argument("--k", type=int, default=None, help="draft tokens per round (default 4)")
   p.add_argument("--tree", type=int, default=None,
                  help="draft a token tree of N nodes instead of a chain (dynamic EAGLE-2 style, "
                       "k deep, for model drafters; static templates for ngram/recycling)")

@@ -134,14 +134,17 @@ def settings_of(a, model) -> dict:
   import jax
   import numpy as np
 
+  from jaxspec.drafters import registry
+
   h = hashlib.sha256(repr(model.config).encode())
   for x in jax.tree.leaves(model.params):  # shapes, dtypes and leading values, not placement
     h.update(repr((x.shape, str(x.dtype))).encode())
     h.update(np.asarray(jax.device_get(x.reshape(-1)[:4096])).tobytes())
   digest = h.hexdigest()[:16]
   drafting = a.drafter not in (None, "none")
+  k = registry.DEFAULT_K if a.k is None else a.k
   return {"model": a.model, "weights": digest, "drafter": a.drafter if drafting else None,
-          "k": a.k if drafting else None, "tree": a.tree if drafting else None, "chat": a.chat,
+          "k": k if drafting else None, "tree": a.tree if drafting else None, "chat": a.chat,
           "max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_k": a.top_k,
           "top_p": a.top_p, "seed": a.seed}
 

@@ -2,6 +2,8 @@
 
     python scripts/bench_continuous.py --model stories260K --num-prompts 128 --batch-size 16 \
         --max-new-tokens 256 --drafters none,ngram --repeats 3
+    python scripts/bench_continuous.py --model SmolLM2-135M-Instruct.Q4_1.gguf --chat \
+        --max-prompt-tokens 256 --num-prompts 128 --max-new-tokens 128 --repeats 1
 
 The first Spec-Bench prompts (file order) that fit the context with max_new_tokens, natural
 stops (the tokenizer's EOS). Every configuration runs once to compile, then the timed runs are
@@ -22,12 +24,20 @@ from jaxspec.batching import generate_many
 from jaxspec.drafters import registry
 
 
-def pick_prompts(model, n: int, max_new: int) -> list[str]:
+def pick_prompts(model, n: int, max_new: int, chat: bool = False,
+                 max_prompt: int | None = None) -> list[list[int]]:
+  """Token ids of the first n prompts that fit the context and max_prompt (chat: in the chat
+  template)."""
   ctx = model.config.max_seq_len
   out = []
   for q in bench_prompts.spec_bench():
-    if len(model.tokenizer.encode(q["text"])) + max_new <= ctx:
-      out.append(q["text"])
+    if chat:
+      ids = model.tokenizer.apply_chat_template([{"role": "user", "content": q["text"]}],
+                                                tokenize=True)
+    else:
+      ids = model.tokenizer.encode(q["text"])
+    if len(ids) + max_new <= ctx and (max_prompt is None or len(ids) <= max_prompt):
+      out.append(list(ids))
     if len(out) == n:
       break
   return out
@@ -72,9 +82,12 @@ def main() -> None:
   p.add_argument("--k", type=int, default=4)
   p.add_argument("--insert-size", type=int, default=None)
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+  p.add_argument("--max-prompt-tokens", type=int, default=None,
+                 help="skip prompts longer than this (a chat model's context is long)")
   a = p.parse_args()
   model = jaxspec.load_model(a.model, progress=False)
-  texts = pick_prompts(model, a.num_prompts, a.max_new_tokens)
+  texts = pick_prompts(model, a.num_prompts, a.max_new_tokens, a.chat, a.max_prompt_tokens)
   print(f"{model.name}: {len(texts)} Spec-Bench prompts, batch {a.batch_size}, "
         f"max_new_tokens {a.max_new_tokens}, insert size {a.insert_size or max(1, a.batch_size // 16)}")
   lengths = [0] * len(texts)

@@ -517,3 +517,32 @@ def test_cli_out_of_range_seed_is_one_line(capsys):
     assert main(["generate", "hi", "--seed", seed, "--max-new-tokens", "2", "--no-stream"]) == 2
     err = capsys.readouterr().err
     assert err == f"jaxspec: error: seed must be an integer in [0, 2**32), got {seed}\n", err
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--drafter", "ngram", "--tree", "-3"], "--tree must be a node budget of at least 2 .* got -3"),
+    (["--drafter", "ngram", "--tree", "0"], "--tree must be a node budget of at least 2 .* got 0"),
+    (["--drafter", "ngram", "--tree", "1"], "--tree must be a node budget of at least 2 .* got 1"),
+    (["--drafter", "ngram", "--tree", "3"], "--tree 3: it holds no chain of --k 4 drafts"),
+    (["--drafter", "ngram", "--tree", "300"], "--tree 300: .* 297 nodes; at most 256"),
+    (["--tree", "8"], "--tree 8 has no effect without a drafter"),
+    (["--drafter", "recycling", "--k", "9"], "--k has no effect with --drafter recycling"),
+])
+def test_cli_tree_and_k_say_when_they_cannot_apply(capsys, args, match):
+  """Bad node budgets, a budget too small for one chain, and options with no effect are one
+  line naming the user's own value (they used to build the same 5-node chain silently)."""
+  import re
+  from jaxspec.cli import main
+  assert main(["generate", "hi", "--max-new-tokens", "2", "--no-stream", *args]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("jaxspec: error: ") and err.count("\n") == 1, err
+  assert re.search(match, err), err
+
+
+def test_cli_tree_budgets_that_fit_are_used(capsys):
+  """--tree 9 with --k 4 is two chains of 4 (9 nodes); recycling takes --tree without --k."""
+  from jaxspec.drafters import registry
+  assert registry.parse("ngram", None, 9).tree.n_nodes == 9
+  assert registry.parse("ngram", 2, 9).tree.n_nodes == 9  # four chains of 2
+  assert registry.parse("recycling", None, 16).tree.n_nodes <= 16
+  assert registry.parse("none") is None

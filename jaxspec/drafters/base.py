@@ -213,6 +213,8 @@ class Drafter:
   """
 
   tree_kinds: ClassVar[tuple[type, ...]] = (trees.Static, trees.Dynamic)  # () = chains only
+  uses_k: ClassVar[bool] = True  # False: the draft length comes from elsewhere (a tree), so
+  # the command line's --k has no effect and is refused
 
   def __post_init__(self):
     names = {f.name for f in dataclasses.fields(self)}

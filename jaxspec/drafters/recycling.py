@@ -71,6 +71,7 @@ class Recycling(Drafter):
 
   tree_kinds = (Static,)
   drafts_chains = False  # always a tree
+  uses_k = False  # the tree's depth is the draft length
 
   def check(self):
     tree = self.tree if self.tree is not None else DEFAULT_TREE

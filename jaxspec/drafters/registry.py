@@ -23,6 +23,7 @@ from typing import Callable
 # Typical acceptance rates of a drafter's rank-r candidate (rank 0 = its top guess), used to
 # shape static trees from a node budget (best-first, see trees.Static.from_acceptance).
 RANK_ACCEPTANCE = (0.6, 0.15, 0.08, 0.05)
+DEFAULT_K = 4  # --k when not given
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +43,12 @@ class Entry:
   def trees(self) -> bool:
     return bool(self.cls.tree_kinds)
 
-  def build(self, arg: str, k: int, tree: int | None):
-    return self.cls.from_cli(arg, k, tree)
+  def build(self, arg: str, k: int | None, tree: int | None):
+    """k None: --k was not given (DEFAULT_K for families that draft k tokens)."""
+    if k is not None and not self.cls.uses_k:
+      raise ValueError(f"--k has no effect with --drafter {self.name}: its tree sets how deep "
+                       f"it drafts (--tree N sets the node budget); drop --k")
+    return self.cls.from_cli(arg, DEFAULT_K if k is None else k, tree)
 
   def bench_defaults(self, config) -> list[str]:
     fn: Callable | None = getattr(self.cls, "bench_defaults", None)
@@ -96,12 +101,26 @@ def usage() -> str:
   return ", ".join(["none"] + [e.usage for e in _ENTRIES.values()])
 
 
-def parse(spec: str | None, k: int = 4, tree: int | None = None):
-  """'ngram[:N]' | 'early-exit:L' | 'draft:SRC' | ... -> a drafter (None for 'none')."""
+def parse(spec: str | None, k: int | None = None, tree: int | None = None):
+  """'ngram[:N]' | 'early-exit:L' | 'draft:SRC' | ... -> a drafter (None for 'none').
+  k: --k (None: not given); tree: the --tree node budget (None: a chain)."""
+  if tree is not None:
+    check_budget(tree)
   if spec is None or spec == "none":
+    if tree is not None:
+      raise ValueError(f"--tree {tree} has no effect without a drafter; pass --drafter too "
+                       f"(e.g. --drafter ngram --tree {tree})")
     return None
   name, _, arg = spec.partition(":")
   return get(name, spec).build(arg, k, tree)
+
+
+def check_budget(tree) -> int:
+  """A --tree node budget: an int >= 2 (the pending token and at least one draft)."""
+  if isinstance(tree, bool) or not isinstance(tree, int) or tree < 2:
+    raise ValueError(f"--tree must be a node budget of at least 2 (the pending token and one "
+                     f"draft), got {tree}")
+  return tree
 
 
 def bench_defaults(config) -> list[str]:
@@ -117,10 +136,11 @@ def methods(specs: list[str], k: int, tree: int | None) -> list[tuple[str, objec
     if spec == "none":
       continue
     entry = get(spec.partition(":")[0], spec)
+    kk = k if entry.cls.uses_k else None  # the same --k for every family that takes one
     if entry.chains:
-      out.append((f"{spec} k={k}", parse(spec, k)))
+      out.append((f"{spec} k={k}", parse(spec, kk)))
     if (tree and entry.trees) or not entry.chains:
-      d = parse(spec, k, tree)
+      d = parse(spec, kk, tree)
       out.append((f"{spec} tree={d.tree.n_nodes}", d))
   return out
 
@@ -143,9 +163,18 @@ def static_tree(nodes: int | None, k: int, acceptance: bool = False):
 
   if nodes is None or not isinstance(nodes, int):
     return nodes
-  if acceptance:
-    return trees.Static.from_acceptance(RANK_ACCEPTANCE, nodes=nodes)
-  return trees.Static.chains(max(1, (nodes - 1) // k), k)
+  check_budget(nodes)
+  try:
+    if acceptance:
+      return trees.Static.from_acceptance(RANK_ACCEPTANCE, nodes=nodes)
+    if nodes - 1 < k:
+      raise ValueError(f"it holds no chain of --k {k} drafts; give --tree {k + 1} or more, or "
+                       f"a smaller --k")
+    n = (nodes - 1) // k
+    tree = trees.Static.chains(n, k)
+  except ValueError as e:
+    raise ValueError(f"--tree {nodes}: {e}") from None
+  return tree
 
 
 def dynamic_tree(nodes: int | None, k: int):
@@ -154,6 +183,7 @@ def dynamic_tree(nodes: int | None, k: int):
 
   if nodes is None or not isinstance(nodes, int):
     return nodes
+  check_budget(nodes)
   try:
     return trees.Dynamic(nodes=nodes, topk=4, depth=k)
   except ValueError as e:
