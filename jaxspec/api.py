@@ -105,6 +105,8 @@ def generate(model: Model, prompts, *, drafter=None, max_new_tokens: int = 128,
        state.stats.rounds, state.stats.nonfinite, state.stats.drafted, state.stats.spec_rounds))
   run_s = time.perf_counter() - t0 - c1 - c2
   session.check_finite(model, bad[:pr.batch])
+  if measured is not None:  # calibrating ran (and so compiled) this very program first
+    c1 += measured.compile_s
   out = _result(model, pr, seq, n, lens, calls, hist, rounds, c1 + c2, run_s, spec_rounds)
   out.stats.drafts_proposed = int(hist[:pr.batch].sum()) * pr.spec.drafter.slots
   out.stats.drafts_verified = int(drafted[:pr.batch].sum())

@@ -9,6 +9,7 @@ by prompt, after a warm-up that compiles every program, so compile time is repor
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -188,7 +189,16 @@ def main(a) -> int:
               f"{time.perf_counter() - t0:.0f} s total")
   md = markdown(model.name, command, cats, table, results, settings)
   if getattr(a, "compare_transformers", False):
-    from jaxspec import peers
+    import jax
+
+    from jaxspec import engine, peers
+    # transformers' copies of the target and assistant come next: drop the drafters (a draft
+    # model holds its own weights) and the compiled programs first (Qwen 1.5B + 0.5B was
+    # killed at 24 GB without this)
+    del methods
+    engine.PROGRAMS.clear()
+    jax.clear_caches()
+    gc.collect()
     md += "\n" + peers.compare(model, a, prompts, results)[0]
   print(md)
   if a.out != "-":

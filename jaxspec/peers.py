@@ -375,6 +375,7 @@ def compare(model, a, prompts: list[dict], results: dict, *, progress: bool = Tr
       assistant = load_transformers(a.assistant, asst_jax)
     else:
       assistant = to_transformers(asst_jax)
+    del asst_jax  # transformers' copy is all that is needed now
   load_s = time.perf_counter() - t0
   longest = max(len(x) for x in ids) + a.max_new_tokens
   methods = hf_methods(a.k, assistant, static_len=-(-longest // 128) * 128)

@@ -42,6 +42,7 @@ class Measured:
   plain_round_s: float
   spec_round_s: float
   seconds: float  # what measuring took in this call (0.0: from the cache)
+  compile_s: float = 0.0  # of which compiling the program (built once, then reused)
 
 
 def clear_cache() -> None:
@@ -54,19 +55,21 @@ def _key(model, drafter, plan: session.Plan) -> tuple:
           spec.prompt_len, spec.buf_len, spec.drafter.mode, str(plan.mesh))
 
 
-def _round_seconds(model, plan: session.Plan, mode: int, warm: int, rounds: int) -> float:
-  """Seconds per round of the compiled loop forced to one branch: one prefill (not timed),
-  `warm` rounds, then `rounds` timed rounds (fewer if every row finishes)."""
+def _round_seconds(model, plan: session.Plan, mode: int, warm: int,
+                   rounds: int) -> tuple[float, float]:
+  """(seconds per round of the compiled loop forced to one branch, compile seconds): one
+  prefill (not timed), `warm` rounds, then `rounds` timed rounds (fewer if every row
+  finishes)."""
   forced = dataclasses.replace(plan, inputs=plan.inputs.replace(
       mode=jnp.asarray(mode, jnp.int32)))
-  state, _ = session.start(model, forced)
-  state, _ = session.run_rounds(model, forced, state, warm)
+  state, c0 = session.start(model, forced)
+  state, c1 = session.run_rounds(model, forced, state, warm)
   before = int(session.fetch(state.stats.rounds))
   t0 = time.perf_counter()
   state, c = session.run_rounds(model, forced, state, rounds)
   done = int(session.fetch(state.stats.rounds)) - before
   dt = time.perf_counter() - t0 - c
-  return dt / done if done > 0 else float("nan")
+  return (dt / done if done > 0 else float("nan")), c0 + c1 + c
 
 
 def measure(model, drafter, plan: session.Plan, *, warm: int = WARM_ROUNDS,
@@ -75,10 +78,10 @@ def measure(model, drafter, plan: session.Plan, *, warm: int = WARM_ROUNDS,
   sampling mode; `seconds` is what this call spent, 0 when cached)."""
   key = _key(model, drafter, plan)
   if key in _RATIOS:  # measured before: nothing spent now
-    return dataclasses.replace(_RATIOS[key], seconds=0.0)
+    return dataclasses.replace(_RATIOS[key], seconds=0.0, compile_s=0.0)
   t0 = time.perf_counter()
-  plain = _round_seconds(model, plan, engine.MODE_PLAIN, warm, rounds)
-  spec = _round_seconds(model, plan, engine.MODE_SPECULATE, warm, rounds)
+  plain, c_plain = _round_seconds(model, plan, engine.MODE_PLAIN, warm, rounds)
+  spec, c_spec = _round_seconds(model, plan, engine.MODE_SPECULATE, warm, rounds)
   ok = np.isfinite(spec) and np.isfinite(plain) and plain > 0
   # A speculative round does all of a plain round's work and more (a target pass over k + 1
   # tokens instead of 1, plus drafting), so a ratio below 1 is timing noise: a load spike
@@ -90,7 +93,7 @@ def measure(model, drafter, plan: session.Plan, *, warm: int = WARM_ROUNDS,
     ratio = float(multihost_utils.broadcast_one_to_all(np.float32(ratio)))
   _RATIOS[key] = Measured(ratio=float(ratio), plain_round_s=plain, spec_round_s=spec,
                           seconds=time.perf_counter() - t0)
-  return _RATIOS[key]
+  return dataclasses.replace(_RATIOS[key], compile_s=c_plain + c_spec)
 
 
 def calibrated(model, drafter, plan: session.Plan, *, ratio: float | None = None):

@@ -130,6 +130,8 @@ def test_every_hook_has_a_default():
     DrafterSpec(k=1, target=spec.target).propose(None, None, None)
   with pytest.raises(TypeError, match="drafter"):
     jaxspec.generate(jaxspec.load_model("stories260K"), ["a"], drafter=object())
+  # the user-facing half: class hooks the registry reads, each with a default
+  assert Drafter.drafts_chains and Drafter.uses_k and Drafter.bench_defaults(spec.target) == []
 
 
 def test_oracle_refuses_trees():

@@ -213,8 +213,15 @@ class Drafter:
   """
 
   tree_kinds: ClassVar[tuple[type, ...]] = (trees.Static, trees.Dynamic)  # () = chains only
+  drafts_chains: ClassVar[bool] = True  # False: always a tree (never tree=None)
   uses_k: ClassVar[bool] = True  # False: the draft length comes from elsewhere (a tree), so
   # the command line's --k has no effect and is refused
+
+  @classmethod
+  def bench_defaults(cls, config) -> list[str]:
+    """The `--drafter` specs `jaxspec bench` runs for this family when `--drafters` is not
+    given (registered families only; none by default)."""
+    return []
 
   def __post_init__(self):
     names = {f.name for f in dataclasses.fields(self)}

@@ -18,7 +18,6 @@ given. Nothing else in jaxspec needs to know the family exists.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 
 # Typical acceptance rates of a drafter's rank-r candidate (rank 0 = its top guess), used to
 # shape static trees from a node budget (best-first, see trees.Static.from_acceptance).
@@ -37,7 +36,7 @@ class Entry:
   @property
   def chains(self) -> bool:
     """Whether the family drafts chains (False: it always drafts a tree)."""
-    return getattr(self.cls, "drafts_chains", True)
+    return self.cls.drafts_chains
 
   @property
   def trees(self) -> bool:
@@ -51,8 +50,7 @@ class Entry:
     return self.cls.from_cli(arg, DEFAULT_K if k is None else k, tree)
 
   def bench_defaults(self, config) -> list[str]:
-    fn: Callable | None = getattr(self.cls, "bench_defaults", None)
-    return list(fn(config)) if fn is not None else []
+    return list(self.cls.bench_defaults(config))
 
 
 _ENTRIES: dict[str, Entry] = {}
