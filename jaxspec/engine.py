@@ -150,9 +150,9 @@ def _round(spec: EngineSpec, tparams, dparams, inp: Inputs, s: State) -> State:
   """One round: speculative, or (with the switch) plain when speculation does not pay."""
   key, k_draft, k_verify = sampling.split(s.key, 3)
 
-  def branch(fn):  # the round is built from the branch's own operand: no state is captured,
-    # so the cache reaches each branch once and is updated in place (a second, captured
-    # reference would make XLA copy both K and V on every round)
+  def branch(fn):  # the round is built from the branch's own operand, not captured: a
+    # drafter that reads the target cache from the round (EarlyExit, LayerSkip) would
+    # otherwise hold a second reference to it, and XLA would copy K and V on every round
     def go(s):
       r = Round(tparams=tparams, tcache=s.cache, seq=s.seq, n=s.n, key=k_draft, sp=inp.sp)
       return fn(spec, tparams, dparams, inp, s, r, k_verify)

@@ -162,17 +162,15 @@ def static_tree(nodes: int | None, k: int, acceptance: bool = False):
   if nodes is None or not isinstance(nodes, int):
     return nodes
   check_budget(nodes)
+  if not acceptance and nodes - 1 < k:
+    raise ValueError(f"--tree {nodes}: it holds no chain of --k {k} drafts; give --tree {k + 1} "
+                     f"or more, or a smaller --k")
   try:
     if acceptance:
       return trees.Static.from_acceptance(RANK_ACCEPTANCE, nodes=nodes)
-    if nodes - 1 < k:
-      raise ValueError(f"it holds no chain of --k {k} drafts; give --tree {k + 1} or more, or "
-                       f"a smaller --k")
-    n = (nodes - 1) // k
-    tree = trees.Static.chains(n, k)
+    return trees.Static.chains((nodes - 1) // k, k)
   except ValueError as e:
     raise ValueError(f"--tree {nodes}: {e}") from None
-  return tree
 
 
 def dynamic_tree(nodes: int | None, k: int):
