@@ -6,7 +6,12 @@
 """
 
 # Imported on first use (PEP 562), so `import jaxspec` is cheap and loads no jax: the
-# `jaxspec` command installs its Ctrl-C handling (jaxspec.interrupt) before jax is imported.
+# `jaxspec` command installs its Ctrl-C handling (jaxspec.interrupt) before jax is imported,
+# and jaxspec's XLA flags reach the backend when it starts (jaxspec.xla_flags).
+from jaxspec import xla_flags as _xla_flags
+
+_xla_flags.apply()
+
 _EXPORTS = {
     "Result": ("jaxspec.api", "Result"),
     "Stats": ("jaxspec.api", "Stats"),
@@ -20,11 +25,16 @@ _EXPORTS = {
 }
 
 
-def load_model(source, *, dtype=None, mesh=None, progress: bool = True):
+def load_model(source, *, dtype=None, mesh=None, progress: bool = True, layers: str = "auto"):
   """Loads a model from "stories260K", a llama2.c .bin, a .gguf, a Hugging Face checkpoint
-  directory or a jaxspec Orbax checkpoint directory (the format is detected from the path)."""
+  directory or a jaxspec Orbax checkpoint directory (the format is detected from the path).
+
+  layers: how layer weights are stored: "stacked" (one [L, ...] array per weight, a scanned
+  layer loop), "per_layer" (one buffer per layer, an unrolled loop: faster on CPU for large
+  layers, longer compiles) or "auto" (per-layer on CPU for layers of 32 MB or more);
+  see `jaxspec.models.layout`."""
   from jaxspec.models.load import load
-  return load(source, dtype=dtype, mesh=mesh, progress=progress)
+  return load(source, dtype=dtype, mesh=mesh, progress=progress, layers=layers)
 
 
 def __getattr__(name: str):

@@ -180,9 +180,9 @@ def forward_seconds_many(params, cfg, batch: int, ts: Sequence[int], buf: int, *
 
   def once(t, reps):
     f = max(0, min(fill, buf - t))
-    cache = KVCache.init(cfg, batch, buf, dtype).rewind(jnp.full((batch,), f, jnp.int32))
+    cache = KVCache.like(params, cfg, batch, buf, dtype).rewind(jnp.full((batch,), f, jnp.int32))
     toks = jnp.ones((batch, t), jnp.int32)
-    jax.block_until_ready((cache.k, toks))
+    jax.block_until_ready((cache, toks))
     t0 = time.perf_counter()
     jax.block_until_ready(fn(params, toks, cache, jnp.asarray(reps, jnp.int32)))
     return time.perf_counter() - t0

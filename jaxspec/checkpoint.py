@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxspec.models import llama
+from jaxspec.models import layout, llama
 from jaxspec.models.finite import check_tree
 from jaxspec.models.config import ModelConfig, RopeScaling
 from jaxspec.models.model import Model
@@ -170,7 +170,7 @@ def save(obj: Any, path: str | os.PathLike, *, meta: dict[str, Any] | None = Non
   path = os.path.abspath(os.fspath(path))
   meta = dict(meta or {})
   if isinstance(obj, Model):
-    params = obj.params
+    params = layout.stacked(obj.params)  # checkpoints hold the stacked form (models.layout)
     info = {"kind": "model", "name": obj.name, "config": config_to_dict(obj.config),
             "dtype": jnp.dtype(obj.dtype).name}
   else:

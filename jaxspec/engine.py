@@ -116,8 +116,7 @@ def row_keys(key: jax.Array, ids: jax.Array) -> jax.Array:
 
 def _prefill(spec: EngineSpec, tparams, dparams, prompt, prompt_lens, live, inp: Inputs, key):
   b, p = prompt.shape
-  dtype = tparams["embed"].dtype
-  cache = KVCache.init(spec.target, b, spec.buf_len, dtype)
+  cache = KVCache.like(tparams, spec.target, b, spec.buf_len)
   out = forward(tparams, spec.target, prompt, cache, logits=False)
   last_h = jnp.take_along_axis(out.hidden, (prompt_lens - 1)[:, None, None], axis=1)  # [B,1,D]
   logits = head(tparams, spec.target, last_h)[:, 0]
@@ -271,13 +270,15 @@ def _run(spec: EngineSpec, tparams, dparams, inp: Inputs, state: State, max_roun
 def scatter_rows(state, rows, slots: jax.Array):
   """Writes the rows of `rows` (an engine pytree of batch I) into `state` (batch B) at `slots`
   [I]; slots >= B are dropped (padding). Arrays have the batch as leading axis, KV caches as
-  axis 1 of k / v; scalars (the round counter) keep the state's value."""
+  axis 1 of stacked k / v (axis 0 of per-layer ones); scalars (the round counter) keep the
+  state's value."""
 
   def one(big, small):
     if isinstance(big, KVCache):
-      return big.replace(k=big.k.at[:, slots].set(small.k, mode="drop"),
-                         v=big.v.at[:, slots].set(small.v, mode="drop"),
-                         lengths=big.lengths.at[slots].set(small.lengths, mode="drop"))
+      new = {id(x): y for x, y in zip(jax.tree.leaves((big.k, big.v)),
+                                      jax.tree.leaves((small.k, small.v)))}
+      big = big.map_rows(lambda buf, lead: buf.at[lead + (slots,)].set(new[id(buf)], mode="drop"))
+      return big.replace(lengths=big.lengths.at[slots].set(small.lengths, mode="drop"))
     if getattr(big, "ndim", 0) == 0:
       return big
     return big.at[slots].set(small, mode="drop")

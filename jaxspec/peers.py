@@ -62,15 +62,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def truncate(model, layers: int):
   """A separate `Model`: the target's first `layers` layers, its final norm and head."""
-  import jax
-
-  from jaxspec.models import Model
+  from jaxspec.models import Model, layout
 
   if not 1 <= layers < model.config.n_layers:
     raise ValueError(f"a truncated assistant needs 1 <= layers < {model.config.n_layers}, got "
                      f"{layers}")
   cfg = dataclasses.replace(model.config, n_layers=layers)
-  params = dict(model.params, layers=jax.tree.map(lambda w: w[:layers], model.params["layers"]))
+  params = layout.first_layers(model.params, layers)
   return Model(cfg, params, model.tokenizer, name=f"{model.name}[:{layers}]")
 
 

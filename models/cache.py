@@ -23,23 +23,49 @@ from .config import ModelConfig
 
 @struct.dataclass
 class KVCache:
-  k: jax.Array  # [L, B, S, K, H]
-  v: jax.Array  # [L, B, S, K, H]
+  k: jax.Array  # [L, B, S, K, H], or a tuple of L [B, S, K, H] (per-layer, see models.layout)
+  v: jax.Array  # same as k
   lengths: jax.Array  # [B] int32: live entries per row (slots 0 .. lengths-1)
 
   @classmethod
-  def init(cls, config: ModelConfig, batch: int, size: int, dtype=jnp.float32) -> "KVCache":
-    shape = (config.n_layers, batch, size, config.n_kv_heads, config.head_dim)
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-               lengths=jnp.zeros((batch,), jnp.int32))
+  def init(cls, config: ModelConfig, batch: int, size: int, dtype=jnp.float32, *,
+           per_layer: bool = False) -> "KVCache":
+    """An empty cache; `per_layer` keeps one buffer per layer (to go with per-layer weights)."""
+    row = (batch, size, config.n_kv_heads, config.head_dim)
+    if per_layer:
+      k = tuple(jnp.zeros(row, dtype) for _ in range(config.n_layers))
+      v = tuple(jnp.zeros(row, dtype) for _ in range(config.n_layers))
+    else:
+      k, v = jnp.zeros((config.n_layers,) + row, dtype), jnp.zeros((config.n_layers,) + row, dtype)
+    return cls(k=k, v=v, lengths=jnp.zeros((batch,), jnp.int32))
+
+  @classmethod
+  def like(cls, params, config: ModelConfig, batch: int, size: int, dtype=None) -> "KVCache":
+    """An empty cache laid out like `params`' layers (per-layer weights get per-layer buffers)."""
+    from . import layout
+    dtype = params["embed"].dtype if dtype is None else dtype
+    return cls.init(config, batch, size, dtype, per_layer=layout.is_per_layer(params))
+
+  @property
+  def per_layer(self) -> bool:
+    return isinstance(self.k, tuple)
+
+  def map_rows(self, fn) -> "KVCache":
+    """Applies `fn(buf, lead)` to every K and V buffer, where `lead` is the tuple of index
+    slices before the batch axis (`(slice(None),)` for a stacked [L, B, ...] buffer, `()` for
+    a per-layer [B, ...] one), so `buf.at[lead + (rows,)]` addresses the same rows either way."""
+    if self.per_layer:
+      return self.replace(k=tuple(fn(x, ()) for x in self.k), v=tuple(fn(x, ()) for x in self.v))
+    lead = (slice(None),)
+    return self.replace(k=fn(self.k, lead), v=fn(self.v, lead))
 
   @property
   def size(self) -> int:
-    return self.k.shape[2]
+    return self.k[0].shape[1] if self.per_layer else self.k.shape[2]
 
   @property
   def batch(self) -> int:
-    return self.k.shape[1]
+    return self.lengths.shape[0]
 
   def rewind(self, lengths: jax.Array) -> "KVCache":
     """Sets the live length of each row; entries past it are dead (rollback costs nothing)."""
@@ -57,11 +83,18 @@ class KVCache:
     src_slots = start[:, None] + src  # [B, J]
     b = jnp.arange(self.batch)[:, None]
 
-    def move(buf):  # [L, B, S, K, H]
-      picked = buf[:, b, src_slots]  # [L, B, J, K, H]
-      return buf.at[:, b, dst_slots].set(picked, mode="drop")
+    def move(buf, lead):  # [L, B, S, K, H] or [B, S, K, H]
+      picked = buf[lead + (b, src_slots)]  # [(L,) B, J, K, H]
+      return buf.at[lead + (b, dst_slots)].set(picked, mode="drop")
 
-    return self.replace(k=move(self.k), v=move(self.v))
+    return self.map_rows(move)
+
+
+def write_rows(buf: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:
+  """Scatters `new` [B, T, K, H] into one layer's `buf` [B, S, K, H] at slots [B, T] (slots
+  past the end are dropped, as in `write_layer`)."""
+  b = jnp.arange(buf.shape[0])[:, None]
+  return buf.at[b, slots].set(new.astype(buf.dtype), mode="drop")
 
 
 def write_layer(buf: jax.Array, layer: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:

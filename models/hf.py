@@ -21,8 +21,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from . import hf_names
+from . import hf_names, layout
 from .config import ModelConfig
 from .hf_config import ARCHITECTURES, checkpoint_dtype, read_config, read_json, to_hf_config
 from .hf_names import read_params
@@ -58,7 +59,8 @@ def to_device(params: dict[str, Any], mesh=None, config: ModelConfig | None = No
   return _sharding("shard_params")(params, mesh, config)
 
 
-def load(path: str, *, dtype=None, mesh=None, progress: bool = True) -> Model:
+def load(path: str, *, dtype=None, mesh=None, progress: bool = True,
+         layers: str = "auto") -> Model:
   """Loads a Hugging Face checkpoint directory as a `Model`.
 
   dtype: a jnp dtype (or None: the checkpoint's own `dtype`/`torch_dtype`, float32 if absent).
@@ -85,4 +87,6 @@ def load(path: str, *, dtype=None, mesh=None, progress: bool = True) -> Model:
   if tok is not None and tok.vocab_size > config.vocab_size:
     raise ValueError(f"{folder}: tokenizer.json has {tok.vocab_size} tokens but the model only "
                      f"{config.vocab_size}")
+  if layout.choose(layers, host, dt) == "per_layer":
+    host = layout.per_layer(host, convert=np.array, consume=True)
   return Model(config=config, params=to_device(host, mesh, config), tokenizer=tok, name=name)

@@ -148,7 +148,9 @@ def state_dict(c: ModelConfig, params) -> dict[str, np.ndarray]:
   top, lay = table(c)
   sd = {("lm_head.weight" if k == "lm_head" else "model." + e.name): e.save(p[k])
         for k, e in top.items()}
+  from . import layout
   for i in range(c.n_layers):
+    w = layout.layer(p, i)
     for k, e in lay.items():
-      sd[f"model.layers.{i}.{e.name}"] = e.save(p["layers"][k][i])
+      sd[f"model.layers.{i}.{e.name}"] = e.save(w[k])
   return sd

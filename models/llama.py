@@ -4,10 +4,11 @@
 chain verification (T = k + 1) and token-tree verification (T = tree nodes, with `tree_mask`
 and per-node `positions`). With `cache=None` it is a plain causal forward (training, parity).
 
-Params are a plain pytree; layer weights are stacked along a leading layer axis so the depth
-loop is one `lax.scan` (compile time independent of depth) and self-speculative drafting can
-run only the first `n_layers` layers (early exit) or any subset `layer_ids` (layer skipping)
-against the same weights and cache.
+Params are a plain pytree. Layer weights are either stacked along a leading layer axis (the
+depth loop is one `lax.scan`, compile time independent of depth) or kept one pytree per layer
+(a Python loop over static layer ids; faster on CPU for large layers): see `models.layout`.
+Self-speculative drafting runs only the first `n_layers` layers (early exit) or any subset
+`layer_ids` (layer skipping) against the same weights and cache.
 
 Sliding-window (local) layers (Mistral, Gemma 2 / 3) mask every slot more than
 `sliding_window - 1` positions behind the query, and with a chunked buffer read only the chunks
@@ -27,7 +28,8 @@ import numpy as np
 from flax import struct
 
 from . import layers as nn
-from .cache import KVCache, write_layer
+from .cache import KVCache, write_layer, write_rows
+from . import layout as lay
 from .config import ModelConfig
 
 Params = dict[str, Any]
@@ -46,10 +48,6 @@ class Output:
   logits: jax.Array  # [B, T, V] float32
   cache: KVCache | None  # new entries written at slots lengths .. lengths + T - 1; lengths += T
   hidden: jax.Array  # [B, T, D] residual stream after the last layer run (before the final norm)
-
-
-def _layer_weights(params: Params, i: jax.Array) -> dict[str, jax.Array]:
-  return jax.tree.map(lambda w: w[i], params["layers"])
 
 
 def _window(mask: jax.Array, key_pos: jax.Array, positions: jax.Array, window: int) -> jax.Array:
@@ -82,10 +80,10 @@ def _mask(t: int, s: int, base: jax.Array | None, tree_mask: jax.Array | None) -
   return (rel < 0) | ((rel < w) & visible)
 
 
-def _run_ids(total: int, n_layers: int | None, layer_ids) -> jax.Array:
-  """The layer indices `forward` scans over (int32 [n])."""
+def _run_ids(total: int, n_layers: int | None, layer_ids) -> tuple[int, ...] | jax.Array:
+  """The layer indices `forward` runs: static ints, or a traced int32 [n] (a skip-set search)."""
   if layer_ids is None:
-    return jnp.arange(total if n_layers is None else n_layers, dtype=jnp.int32)
+    return tuple(range(total if n_layers is None else n_layers))
   if n_layers is not None:
     raise ValueError(f"forward takes n_layers or layer_ids, not both (got n_layers={n_layers}, "
                      f"layer_ids={layer_ids!r})")
@@ -96,7 +94,7 @@ def _run_ids(total: int, n_layers: int | None, layer_ids) -> jax.Array:
       any(a >= b for a, b in zip(ids, ids[1:])):
     raise ValueError(f"layer_ids must be increasing layer indices in [0, {total}), got "
                      f"{layer_ids!r}")
-  return jnp.asarray(ids, jnp.int32)
+  return ids
 
 
 def forward(
@@ -180,8 +178,8 @@ def forward(
 
   def layer(carry, i):
     x, kbuf, vbuf = carry
-    w = _layer_weights(params, i)
-    local = is_local[i]
+    w = lay.layer(params, i)
+    local = c.layer_is_local[i] if isinstance(i, int) else is_local[i]
     inv_freq = jnp.where(local, inv_local, inv_global)
     m = jnp.where(local, local_mask, mask) if c.windowed else mask
     h = norm(x, w["attn_norm"])
@@ -199,9 +197,14 @@ def forward(
     if kbuf is None:
       o = nn.attention(q, k, v, m, **attn)
     else:
-      kbuf = write_layer(kbuf, i, slots, k)
-      vbuf = write_layer(vbuf, i, slots, v)
-      keys, values = kbuf[i], vbuf[i]  # [B, S, K, H]
+      if isinstance(kbuf, tuple):  # per-layer cache: layer i's [B, S, K, H] buffer
+        keys, values = write_rows(kbuf[i], slots, k), write_rows(vbuf[i], slots, v)
+        kbuf = kbuf[:i] + (keys,) + kbuf[i + 1:]
+        vbuf = vbuf[:i] + (values,) + vbuf[i + 1:]
+      else:
+        kbuf = write_layer(kbuf, i, slots, k)
+        vbuf = write_layer(vbuf, i, slots, v)
+        keys, values = kbuf[i], vbuf[i]  # [B, S, K, H]
       if chunk is None:
         o = nn.attention(q, keys, values, m, **attn)
       elif c.windowed:
@@ -216,8 +219,17 @@ def forward(
     x = x + (norm(f, w["post_mlp_norm"]) if c.post_norms else f)
     return (x, kbuf, vbuf), None
 
-  carry0 = (x, None, None) if cache is None else (x, cache.k, cache.v)
-  (x, kbuf, vbuf), _ = jax.lax.scan(layer, carry0, run_ids)
+  carry = (x, None, None) if cache is None else (x, cache.k, cache.v)
+  per_layer = lay.is_per_layer(params) or (cache is not None and isinstance(cache.k, tuple))
+  if per_layer:  # unrolled over static ids: each dot reads its own buffers
+    if not isinstance(run_ids, tuple):
+      raise ValueError("traced layer_ids need stacked layer weights and a stacked cache "
+                       "(models.layout.stacked, KVCache.init(per_layer=False))")
+    for i in run_ids:
+      carry, _ = layer(carry, i)
+  else:
+    carry, _ = jax.lax.scan(layer, carry, jnp.asarray(run_ids, jnp.int32))
+  x, kbuf, vbuf = carry
 
   new_cache = None
   if cache is not None:

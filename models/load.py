@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import llama
+from . import layout, llama
 from .model import Model
 from .tokenizer import SentencePieceTokenizer
 
@@ -57,9 +57,12 @@ def detect_format(source: str) -> str:
                    f"Face checkpoint directories, jaxspec Orbax checkpoints)")
 
 
-def _to_device(params, dtype, mesh=None, config=None):
+def _to_device(params, dtype, mesh=None, config=None, layers: str = "stacked"):
   """Host arrays to jax arrays one at a time, each host array dropped once copied: the peak is
-  the model plus its largest tensor, not twice the model. Empties the `params` dict it gets."""
+  the model plus its largest tensor, not twice the model. Empties the `params` dict it gets.
+  `layers`: "per_layer" splits the stacked layer weights first (`models.layout`)."""
+  if layers == "per_layer":
+    params = layout.per_layer(params, convert=np.array, consume=True)
   leaves, treedef = jax.tree.flatten(params)
   if isinstance(params, dict):
     params.clear()  # the leaves list is now the only reference to the host arrays
@@ -79,9 +82,14 @@ def _stories_tokenizer(folder: str) -> SentencePieceTokenizer:
   return SentencePieceTokenizer(os.path.join(folder, "tok512.model"), add_bos=True, eos_ids=(2, 1))
 
 
-def load(source: str, *, dtype=None, mesh=None, progress: bool = True) -> Model:
+def load(source: str, *, dtype=None, mesh=None, progress: bool = True,
+         layers: str = "auto") -> Model:
+  """See `jaxspec.load_model`; `layers` is the weight layout ("auto", "stacked", "per_layer";
+  `models.layout`)."""
   if not isinstance(source, (str, os.PathLike)):
     raise TypeError(f"load_model expects a name or a path, got {type(source).__name__}")
+  if layers not in layout.LAYOUTS:
+    raise ValueError(f"layers must be one of {layout.LAYOUTS}, got {layers!r}")
   source = os.fspath(source)
   fmt = detect_format(source)
   dt = resolve_dtype(dtype)
@@ -106,13 +114,20 @@ def load(source: str, *, dtype=None, mesh=None, progress: bool = True) -> Model:
     name = os.path.basename(source)
   elif fmt == "hf":
     from . import hf
-    return hf.load(source, dtype=dt, mesh=mesh, progress=progress)
+    return hf.load(source, dtype=dt, mesh=mesh, progress=progress, layers=layers)
   else:  # orbax
     from jaxspec import checkpoint
-    return checkpoint.load(source, dtype=dt, mesh=mesh)
+    model = checkpoint.load(source, dtype=dt, mesh=mesh)
+    if layout.choose(layers, model.params) == "per_layer":
+      model.params = layout.per_layer(model.params, consume=True)
+      if mesh is not None:
+        from jaxspec.sharding import shard_params
+        model.params = shard_params(model.params, mesh, model.config)
+    return model
   llama.check_params(params, config)
   if tok is not None and tok.vocab_size > config.vocab_size:
     raise ValueError(f"{source}: tokenizer has {tok.vocab_size} tokens but the model only "
                      f"{config.vocab_size}")
-  return Model(config=config, params=_to_device(params, dt, mesh, config), tokenizer=tok,
+  chosen = layout.choose(layers, params, dt)
+  return Model(config=config, params=_to_device(params, dt, mesh, config, chosen), tokenizer=tok,
                name=name)

@@ -153,17 +153,23 @@ def _shape(x) -> tuple[int, ...]:
 
 
 def _leaf_name(path) -> str | None:
-  last = path[-1] if path else None
-  for attr in ("key", "name"):  # DictKey / GetAttrKey
-    if hasattr(last, attr):
-      return str(getattr(last, attr))
+  """The last named key on the path (DictKey / GetAttrKey): `wq` for `["layers"]["wq"]` and for
+  per-layer `["layers"][3]["wq"]`, `k` for a per-layer cache's `.k[3]`."""
+  for entry in reversed(path):
+    for attr in ("key", "name"):
+      if hasattr(entry, attr):
+        return str(getattr(entry, attr))
   return None
 
 
 def _axes(path, x, table: Mapping[str, tuple[str, ...]]) -> tuple[str | None, ...]:
-  """A leaf's logical axes, by its name; unknown names or ranks get replicated axes."""
+  """A leaf's logical axes, by its name; a leaf one rank short of a `layers`-led entry is one
+  layer's slice of it (per-layer weights and caches, `models.layout`); unknown names or ranks
+  get replicated axes."""
   ndim = len(_shape(x))
   axes = table.get(_leaf_name(path))
+  if axes is not None and axes[:1] == (LAYERS,) and len(axes) == ndim + 1:
+    axes = axes[1:]
   return axes if axes is not None and len(axes) == ndim else (None,) * ndim
 
 

@@ -67,9 +67,9 @@ def fast_compile():
 def truncated(model, layers: int):
   """A separate, smaller model with the same tokenizer: the target's first `layers` layers."""
   import dataclasses
-  from jaxspec.models import Model
+  from jaxspec.models import Model, layout
   cfg = dataclasses.replace(model.config, n_layers=layers)
-  params = dict(model.params, layers=jax.tree.map(lambda w: w[:layers], model.params["layers"]))
+  params = layout.first_layers(model.params, layers)
   return Model(cfg, params, model.tokenizer, name=f"{model.name}[:{layers}]")
 
 

@@ -515,9 +515,11 @@ FWD_CHUNKED = jax.jit(models.forward, static_argnums=(1,),
                       static_argnames=("attn_chunk", "n_layers"))
 
 
+@pytest.mark.parametrize("layers", ["stacked", "per_layer"])
 @pytest.mark.parametrize("chunk", [None, 4])
-def test_window_greedy_matches_generate(windowed, chunk):
-  """Prompt + generation cross the window; chunk=4 reads only each row's window chunks."""
+def test_window_greedy_matches_generate(windowed, chunk, layers):
+  """Prompt + generation cross the window; chunk=4 reads only each row's window chunks;
+  per_layer keeps each layer's weights and cache in their own buffers (`models.layout`)."""
   _, m, model = windowed
   prompt = _ids(2, W_PROMPT, seed=1)
   with torch.no_grad():
@@ -525,8 +527,9 @@ def test_window_greedy_matches_generate(windowed, chunk):
                       attention_mask=torch.ones(prompt.shape, dtype=torch.long),
                       do_sample=False, max_new_tokens=W_NEW)[:, W_PROMPT:].numpy()
   b, t = prompt.shape
-  cache = models.KVCache.init(model.config, b, t + W_NEW, model.dtype)
-  fwd = lambda toks, cache: FWD_CHUNKED(model.params, model.config, toks, cache, attn_chunk=chunk)
+  params = models.layout.apply(model.params, layers)
+  cache = models.KVCache.like(params, model.config, b, t + W_NEW)
+  fwd = lambda toks, cache: FWD_CHUNKED(params, model.config, toks, cache, attn_chunk=chunk)
   out = fwd(jnp.asarray(prompt), cache)
   toks = [jnp.argmax(out.logits[:, -1], axis=-1)]
   for _ in range(W_NEW - 1):

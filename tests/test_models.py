@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config, tiny_model
 
-from jaxspec.models import KVCache, forward
+from jaxspec.models import KVCache, forward, layout
 
 # One jitted forward for the whole file; it recompiles only per config and shape.
 FWD = jax.jit(forward, static_argnums=(1,),
@@ -52,13 +52,17 @@ def _tiny(kind):
   return m.config, _randomize_norms(m.params)
 
 
-@pytest.fixture(params=["gqa", "mha", "stories"])
+@pytest.fixture(params=["gqa", "mha", "stories", "gqa-per_layer", "stories-per_layer"])
 def model(request):
-  """(config, params) of a tiny random model (GQA, MHA) or of stories260K."""
-  if request.param == "stories":
+  """(config, params) of a tiny random model (GQA, MHA) or of stories260K; `-per_layer` keeps
+  the layers one pytree each (`models.layout`), and the tests' caches follow (`KVCache.like`)."""
+  kind, _, per = request.param.partition("-")
+  if kind == "stories":
     m = request.getfixturevalue("stories")
-    return m.config, m.params
-  return _tiny(request.param)
+    cfg, params = m.config, m.params
+  else:
+    cfg, params = _tiny(kind)
+  return cfg, (layout.per_layer(params) if per else params)
 
 
 def _rows(x, starts, n):
@@ -89,7 +93,7 @@ def test_cached_decoding_matches_full_forward(model, chunk):
   # Prefill right-padded prompts; the padding is junk that must never be seen again.
   prompts = np.where(np.arange(p)[None] < lens[:, None], seq[:, :p],
                      rng.integers(3, cfg.vocab_size, size=(b, p))).astype(np.int32)
-  cache = KVCache.init(cfg, b, 32)
+  cache = KVCache.like(params, cfg, b, 32)
   out = FWD(params, cfg, jnp.asarray(prompts), cache)
   np.testing.assert_array_equal(out.cache.lengths, [p] * b)
   for r in range(b):
@@ -181,7 +185,7 @@ def _tree_setup(cfg, params, rng):
   lens = np.array([3, 5])
   b, p, t = 2, 8, len(TREES[0])
   prompts = rng.integers(3, cfg.vocab_size, size=(b, p)).astype(np.int32)
-  cache = KVCache.init(cfg, b, 32)
+  cache = KVCache.like(params, cfg, b, 32)
   cache = FWD(params, cfg, jnp.asarray(prompts), cache).cache.rewind(jnp.asarray(lens))
   tokens = rng.integers(3, cfg.vocab_size, size=(b, t)).astype(np.int32)
   arrays = [_tree_arrays(pa) for pa in TREES]
@@ -199,7 +203,7 @@ def _tree_setup(cfg, params, rng):
 
 
 @pytest.mark.parametrize("chunk", CHUNKS)
-@pytest.mark.parametrize("model", ["gqa", "stories"], indirect=True)
+@pytest.mark.parametrize("model", ["gqa", "stories", "stories-per_layer"], indirect=True)
 def test_tree_mask_matches_root_path_chains(model, chunk):
   cfg, params = model
   FWD = functools.partial(globals()["FWD"], attn_chunk=chunk)
@@ -248,7 +252,7 @@ def test_gather_slots_moves_entries():
   np.testing.assert_array_equal(out.lengths, cache.lengths)  # lengths are the caller's business
 
 
-@pytest.mark.parametrize("model", ["gqa", "stories"], indirect=True)
+@pytest.mark.parametrize("model", ["gqa", "stories", "stories-per_layer"], indirect=True)
 def test_gather_slots_commits_tree_path(model):
   """Tree verify, move the accepted path to contiguous slots, then decode on top of it."""
   cfg, params = model

@@ -33,7 +33,7 @@ class DraftModelSpec(DrafterSpec):
 
   def init(self, params, p: Prefill):
     b = p.prompt.shape[0]
-    cache = KVCache.init(self.draft, b, p.cache_size, params["embed"].dtype)
+    cache = KVCache.like(params, self.draft, b, p.cache_size)
     cache = forward(params, self.draft, p.prompt, cache, logits=False).cache.rewind(p.prompt_lens)
     node_slot = None if self.tree is None else jnp.zeros((b, self.tree.n_nodes), jnp.int32)
     return DraftState(cache=cache, node_slot=node_slot)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxspec import fingerprint
-from jaxspec.models import KVCache, Model, forward
+from jaxspec.models import KVCache, Model, forward, layout
 
 from . import registry
 from .base import Drafter, DrafterSpec, Proposal, Round, last_tokens
@@ -196,7 +196,7 @@ def calibration_tokens(target: Model, text: str = CALIBRATION_TEXT,
 
 @functools.partial(jax.jit, static_argnums=(1, 3))
 def _rollout(params, cfg, prompt, new_tokens):
-  cache = KVCache.init(cfg, 1, prompt.shape[1] + new_tokens, params["embed"].dtype)
+  cache = KVCache.like(params, cfg, 1, prompt.shape[1] + new_tokens)
   o = forward(params, cfg, prompt, cache)
   tok = jnp.argmax(o.logits[:, -1], axis=-1).astype(jnp.int32)
 
@@ -224,7 +224,10 @@ def _scores(params, cfg, tokens, cache, ref, candidates):
 
   Scored as drafting sees it: position t is one draft step of the candidate against the
   target's own cache of positions < t (row t of a batch of T rows, cache length t), so a kept
-  layer attends to the full model's K/V of the context, not to a skip-set forward's."""
+  layer attends to the full model's K/V of the context, not to a skip-set forward's. Traced
+  skip sets index stacked weights: per-layer ones are stacked inside the program (a transient
+  copy of the layers for the search only)."""
+  params = layout.stacked(params)
   t = tokens.shape[1]
   rows = cache.replace(k=jnp.broadcast_to(cache.k, (cache.k.shape[0], t) + cache.k.shape[2:]),
                        v=jnp.broadcast_to(cache.v, (cache.v.shape[0], t) + cache.v.shape[2:]),

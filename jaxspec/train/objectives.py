@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxspec.drafters import eagle, medusa
-from jaxspec.models import Model, ModelConfig, forward, head
+from jaxspec.models import Model, ModelConfig, forward, head, layout
 
 
 def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -138,7 +138,7 @@ class DistillObjective:
     """The target's first layers, embeddings, final norm and head (copies)."""
     n = self.draft.n_layers
     p = model.params
-    out = {"embed": p["embed"], "layers": jax.tree.map(lambda w: w[:n], p["layers"]),
+    out = {"embed": p["embed"], "layers": layout.stacked(layout.first_layers(p, n))["layers"],
            "final_norm": p["final_norm"]}
     if "lm_head" in p:
       out["lm_head"] = p["lm_head"]
