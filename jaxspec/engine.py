@@ -275,9 +275,8 @@ def scatter_rows(state, rows, slots: jax.Array):
 
   def one(big, small):
     if isinstance(big, KVCache):
-      new = {id(x): y for x, y in zip(jax.tree.leaves((big.k, big.v)),
-                                      jax.tree.leaves((small.k, small.v)))}
-      big = big.map_rows(lambda buf, lead: buf.at[lead + (slots,)].set(new[id(buf)], mode="drop"))
+      big = big.map_rows(lambda buf, lead, new: buf.at[lead + (slots,)].set(new, mode="drop"),
+                         small)
       return big.replace(lengths=big.lengths.at[slots].set(small.lengths, mode="drop"))
     if getattr(big, "ndim", 0) == 0:
       return big

@@ -50,14 +50,21 @@ class KVCache:
   def per_layer(self) -> bool:
     return isinstance(self.k, tuple)
 
-  def map_rows(self, fn) -> "KVCache":
-    """Applies `fn(buf, lead)` to every K and V buffer, where `lead` is the tuple of index
-    slices before the batch axis (`(slice(None),)` for a stacked [L, B, ...] buffer, `()` for
-    a per-layer [B, ...] one), so `buf.at[lead + (rows,)]` addresses the same rows either way."""
-    if self.per_layer:
-      return self.replace(k=tuple(fn(x, ()) for x in self.k), v=tuple(fn(x, ()) for x in self.v))
-    lead = (slice(None),)
-    return self.replace(k=fn(self.k, lead), v=fn(self.v, lead))
+  @property
+  def lead(self) -> tuple:
+    """Index slices before the batch axis of each buffer (`(slice(None),)` for a stacked
+    [L, B, ...] buffer, `()` for a per-layer [B, ...] one): `buf.at[self.lead + (rows,)]`
+    addresses the same rows either way."""
+    return () if self.per_layer else (slice(None),)
+
+  def map_rows(self, fn, other: "KVCache | None" = None) -> "KVCache":
+    """Applies `fn(buf, lead)` (or `fn(buf, lead, other_buf)`, buffers of `other` paired with
+    this cache's) to every K and V buffer (see `lead`)."""
+    if other is None:
+      f = lambda x: fn(x, self.lead)
+      return self.replace(k=jax.tree.map(f, self.k), v=jax.tree.map(f, self.v))
+    f = lambda x, y: fn(x, self.lead, y)
+    return self.replace(k=jax.tree.map(f, self.k, other.k), v=jax.tree.map(f, self.v, other.v))
 
   @property
   def size(self) -> int:

@@ -20,8 +20,6 @@ everywhere (checkpoints and exports write the stacked form).
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -126,14 +124,3 @@ def first_layers(params, n: int):
   if is_per_layer(params):
     return dict(params, layers=tuple(params["layers"][:n]))
   return dict(params, layers=jax.tree.map(lambda w: w[:n], params["layers"]))
-
-
-def numpy_stacked(params) -> Any:
-  """The stacked form as host numpy arrays (for exporters and checkpoints)."""
-  if is_per_layer(params):
-    layers = params["layers"]
-    lay = {k: np.stack([np.asarray(l[k]) for l in layers]) for k in layers[0]}
-  else:
-    lay = jax.tree.map(np.asarray, params["layers"])
-  return dict(jax.tree.map(np.asarray, {k: v for k, v in params.items() if k != "layers"}),
-              layers=lay)
