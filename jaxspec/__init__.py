@@ -27,13 +27,24 @@ _EXPORTS = {
 
 def load_model(source, *, dtype=None, mesh=None, progress: bool = True, layers: str = "auto"):
   """Loads a model from "stories260K", a llama2.c .bin, a .gguf, a Hugging Face checkpoint
-  directory or a jaxspec Orbax checkpoint directory (the format is detected from the path).
+  directory or a jaxspec Orbax checkpoint directory (the format is detected from the path), or
+  a checkpoint fetched by `python -m jaxspec.fetch NAME` by that name (e.g.
+  "qwen2.5-coder-0.5b"; an unfetched one is an error naming the fetch command).
 
   layers: how layer weights are stored: "stacked" (one [L, ...] array per weight, a scanned
   layer loop), "per_layer" (one buffer per layer, an unrolled loop: faster on CPU for large
   layers, longer compiles) or "auto" (per-layer on CPU for layers of 32 MB or more);
   see `jaxspec.models.layout`."""
+  import os
+
+  from jaxspec import fetch
   from jaxspec.models.load import load
+  if isinstance(source, str) and source in fetch.CHECKPOINTS and not os.path.exists(source):
+    found = fetch.path(source)
+    if found is None:
+      raise FileNotFoundError(f"checkpoint {source!r} is not fetched yet (or is incomplete): "
+                              f"run `{fetch.command(source)}`")
+    source = found
   return load(source, dtype=dtype, mesh=mesh, progress=progress, layers=layers)
 
 

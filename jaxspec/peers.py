@@ -27,6 +27,8 @@ another model with the same tokenizer. jaxspec runs the very same truncated mode
 
 from __future__ import annotations
 
+import os
+
 import argparse
 import contextlib
 import dataclasses
@@ -334,7 +336,7 @@ def _assistant_jax(model, a):
   import jaxspec
 
   if a.assistant:
-    return jaxspec.load_model(a.assistant, progress=False), a.assistant
+    return jaxspec.load_model(a.assistant, progress=False), os.path.basename(a.assistant)
   layers = a.assistant_layers or default_assistant_layers(model.config.n_layers)
   return truncate(model, layers), f"first {layers}/{model.config.n_layers} layers"
 

@@ -55,7 +55,7 @@ def _key(model, drafter, plan: session.Plan) -> tuple:
           spec.prompt_len, spec.buf_len, spec.drafter.mode, str(plan.mesh))
 
 
-def _round_seconds(model, plan: session.Plan, mode: int, warm: int,
+def round_seconds(model, plan: session.Plan, mode: int, warm: int,
                    rounds: int) -> tuple[float, float]:
   """(seconds per round of the compiled loop forced to one branch, compile seconds): one
   prefill (not timed), `warm` rounds, then `rounds` timed rounds (fewer if every row
@@ -80,8 +80,8 @@ def measure(model, drafter, plan: session.Plan, *, warm: int = WARM_ROUNDS,
   if key in _RATIOS:  # measured before: nothing spent now
     return dataclasses.replace(_RATIOS[key], seconds=0.0, compile_s=0.0)
   t0 = time.perf_counter()
-  plain, c_plain = _round_seconds(model, plan, engine.MODE_PLAIN, warm, rounds)
-  spec, c_spec = _round_seconds(model, plan, engine.MODE_SPECULATE, warm, rounds)
+  plain, c_plain = round_seconds(model, plan, engine.MODE_PLAIN, warm, rounds)
+  spec, c_spec = round_seconds(model, plan, engine.MODE_SPECULATE, warm, rounds)
   ok = np.isfinite(spec) and np.isfinite(plain) and plain > 0
   # A speculative round does all of a plain round's work and more (a target pass over k + 1
   # tokens instead of 1, plus drafting), so a ratio below 1 is timing noise: a load spike

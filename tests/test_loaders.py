@@ -405,6 +405,23 @@ def test_missing_file(tmp_path):
     jaxspec.load_model("stories15M")  # not an embedded name, not a path
 
 
+def test_load_by_fetched_name(tmp_path, monkeypatch):
+  """A checkpoint name from `jaxspec.fetch` loads the fetched file; an unfetched one says how
+  to fetch it."""
+  from jaxspec import fetch
+  monkeypatch.setenv(fetch.ENV, str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="python -m jaxspec.fetch smollm2-135m"):
+    jaxspec.load_model("smollm2-135m")
+  spec = fetch.CHECKPOINTS["smollm2-135m"]
+  real = fetch.path("smollm2-135m", os.path.expanduser("~/.cache/jaxspec/checkpoints"))
+  if real is None:
+    pytest.skip(f"SmolLM2 not fetched: {fetch.command('smollm2-135m')}")
+  (tmp_path / "smollm2-135m").mkdir()
+  os.symlink(real, tmp_path / "smollm2-135m" / spec.filename)
+  m = jaxspec.load_model("smollm2-135m", progress=False)
+  assert m.name == spec.filename and m.config.vocab_size == 49152
+
+
 @pytest.mark.parametrize("size", [20, 4096, 1_000_000])
 def test_truncated_llama2c(tmp_path, size):
   path = tmp_path / "cut.bin"

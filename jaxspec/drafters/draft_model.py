@@ -10,20 +10,26 @@ from flax import struct
 
 from jaxspec.models import KVCache, Model, ModelConfig, forward
 
-from . import registry
+from . import registry, vocab
 from .base import Accepted, Drafter, DrafterSpec, Prefill, Proposal, Round, last_tokens
 from .chain import draft_chain
 from .tree_draft import grow
 
 
+CATCH_UP = 8  # tokens per draft forward when the draft catches up after plain rounds
+
+
 @struct.dataclass
 class DraftState:
-  cache: KVCache  # the draft model's cache; holds every committed token but possibly the last 2
+  cache: KVCache  # the draft model's cache
+  valid: jax.Array  # [B] int32: seq[:valid] has its entries in `cache`
   node_slot: jax.Array | None  # trees: [B, N] each node's slot offset from the round base, -1
 
 
 @dataclasses.dataclass(frozen=True)
 class DraftModelSpec(DrafterSpec):
+  """params: {"model": the draft's params, "vocab": `vocab.params` or None (full head)}."""
+
   draft: ModelConfig | None = None
   stop_below: float | None = None
 
@@ -31,24 +37,50 @@ class DraftModelSpec(DrafterSpec):
   def draft_forwards(self) -> int:
     return self.k
 
+  def _forward(self, params, tokens, cache, **kw):
+    """The draft's forward; with a reduced vocabulary its head covers only those ids."""
+    vp = params["vocab"]
+    out = forward(params["model"], self.draft, tokens, cache, logits=vp is None, **kw)
+    return out if vp is None else out.replace(logits=vocab.logits(vp, self.draft, out.hidden))
+
   def init(self, params, p: Prefill):
     b = p.prompt.shape[0]
-    cache = KVCache.like(params, self.draft, b, p.cache_size)
-    cache = forward(params, self.draft, p.prompt, cache, logits=False).cache.rewind(p.prompt_lens)
+    model = params["model"]
+    cache = KVCache.like(model, self.draft, b, p.cache_size)
+    cache = forward(model, self.draft, p.prompt, cache, logits=False).cache.rewind(p.prompt_lens)
     node_slot = None if self.tree is None else jnp.zeros((b, self.tree.n_nodes), jnp.int32)
-    return DraftState(cache=cache, node_slot=node_slot)
+    return DraftState(cache=cache, valid=p.prompt_lens.astype(jnp.int32), node_slot=node_slot)
+
+  def _catch_up(self, params, st: DraftState, r: Round) -> KVCache:
+    """Feeds the committed tokens the draft missed (plain rounds do not run it) in chunks of
+    CATCH_UP, until every row's cache holds seq[:n - 2]. Chunks may run past n - 2 into slots
+    that the root and the drafts overwrite before anything attends to them."""
+    goal = r.n - 2  # [B]
+
+    def cond(c):
+      return jnp.any(c[1] < goal)
+
+    def body(c):
+      cache, start = c
+      toks = last_tokens(r.seq, start + CATCH_UP, CATCH_UP)  # [B, C] = seq[start : start + C]
+      cache = forward(params["model"], self.draft, toks, cache.rewind(start),
+                      logits=False).cache
+      return cache, jnp.minimum(start + CATCH_UP, goal)
+
+    cache, _ = jax.lax.while_loop(cond, body, (st.cache, jnp.minimum(st.valid, goal)))
+    return cache
 
   def _root(self, params, cache: KVCache, r: Round):
-    # The draft cache holds every committed token but possibly the last two (after a fully
-    # accepted round the final draft token was never fed). Re-feed both: rewriting an entry
-    # with the same token is idempotent, and it keeps every shape static.
-    return forward(params, self.draft, last_tokens(r.seq, r.n, 2), cache.rewind(r.n - 2))
+    # The draft cache holds seq[:n - 2] (after a fully accepted round the final draft token was
+    # never fed). Re-feed the last two: rewriting an entry with the same token is idempotent,
+    # and it keeps every shape static.
+    return self._forward(params, last_tokens(r.seq, r.n, 2), cache.rewind(r.n - 2))
 
   def propose(self, params, st: DraftState, r: Round):
-    out = self._root(params, st.cache, r)
+    out = self._root(params, self._catch_up(params, st, r), r)
     if self.tree is None:
       def step(cache, tok):
-        o = forward(params, self.draft, tok[:, None], cache)
+        o = self._forward(params, tok[:, None], cache)
         return o.cache, o.logits[:, 0]
 
       cache, tokens, probs = draft_chain(step, out.cache, out.logits[:, 1], self.k, r.key,
@@ -56,22 +88,24 @@ class DraftModelSpec(DrafterSpec):
       return st.replace(cache=cache), Proposal.chain(tokens, probs)
 
     def feed(cache, toks, pos, base, tree_mask, parent):
-      o = forward(params, self.draft, toks, cache, positions=pos, mask_base=base,
-                  tree_mask=tree_mask)
+      o = self._forward(params, toks, cache, positions=pos, mask_base=base,
+                        tree_mask=tree_mask)
       return o.cache, o.logits, None
 
     pending = last_tokens(r.seq, r.n, 1)[:, 0]
     cache, arrays, node_slot = grow(feed, out.cache, out.logits[:, 1], pending, r.n - 1,
                                     self.tree)
-    return DraftState(cache=cache, node_slot=node_slot), Proposal.from_tree(self.tree, arrays)
+    return st.replace(cache=cache, node_slot=node_slot), Proposal.from_tree(self.tree, arrays)
 
   def commit_plain(self, params, st: DraftState, r: Round, a: Accepted):
-    # One token committed: feed seq[n-2] so the cache again lacks at most the last two.
-    cache = forward(params, self.draft, last_tokens(r.seq, r.n, 2)[:, :1],
-                    st.cache.rewind(r.n - 2), logits=False).cache
-    return st.replace(cache=cache)
+    # The draft falls behind and catches up at the next speculative round (`_catch_up`), so a
+    # plain round costs one target step and no draft step.
+    return st
 
   def commit(self, params, st: DraftState, r: Round, a: Accepted):
+    # Every accepted draft but possibly the last was fed (a fully accepted chain never feeds
+    # its final draft), so the cache holds at least seq[:n_new - 2].
+    st = st.replace(valid=jnp.maximum(a.n_new - 2, 0).astype(jnp.int32))
     if self.tree is None:
       return st  # chain drafts sit in their own slots already; propose rewinds
     # Move the draft's entries of the accepted path (fed at tree slots) to contiguous slots.
@@ -80,8 +114,9 @@ class DraftModelSpec(DrafterSpec):
     return st.replace(cache=st.cache.gather_slots(r.n - 1, src))
 
 
-@registry.register("draft", usage="draft:SRC",
-                   help="an independent smaller model with the target's tokenizer")
+@registry.register("draft", usage="draft:SRC[@N]",
+                   help="an independent smaller model with the target's tokenizer "
+                        "(@N: draft over N token ids, see drafters.vocab)")
 @dataclasses.dataclass(frozen=True, eq=False)
 class DraftModel(Drafter):
   """Drafts with a separate (smaller) model that shares the target's tokenizer.
@@ -93,16 +128,24 @@ class DraftModel(Drafter):
     stop_below: confidence-based draft length (chains): a row stops drafting after the first
       position whose draft top-1 probability is below this; its remaining slots are left empty
       (never accepted; lossless) and draft forwards are skipped once every row has stopped.
+    vocab: a reduced draft vocabulary (`jaxspec.drafters.vocab`): None drafts over every token;
+      an integer n over the end-of-sequence ids and the lowest ids, n in all (merge / score
+      order); a sequence of token ids over exactly those (e.g. `vocab.frequent(tokenizer,
+      texts, n)`). The draft's head then multiplies by n rows instead of V; lossless.
   """
 
   draft_model: Model
   k: int = 4
   tree: object = None
   stop_below: float | None = None
+  vocab: object = None
 
   def check(self):
     if not isinstance(self.draft_model, Model):
       raise TypeError(f"DraftModel expects a jaxspec Model, got {type(self.draft_model).__name__}")
+    # validated here so a bad vocab fails when the drafter is built, not at generate
+    object.__setattr__(self, "_ids", vocab.resolve(self.vocab, self.draft_model.config,
+                                                   self.draft_model.tokenizer))
 
   def bind(self, target: Model):
     d, t = self.draft_model.config, target.config
@@ -118,15 +161,22 @@ class DraftModel(Drafter):
                          f"same vocabulary size but different tokenizers")
     spec = DraftModelSpec(k=self.k, target=t, draft=d, tree=self.tree,
                           stop_below=self.stop_below)
-    return spec, self.draft_model.params
+    model = self.draft_model.params
+    vp = None if self._ids is None else vocab.params(model, d, self._ids)
+    return spec, {"model": model, "vocab": vp}
 
   def draft_forward(self, target):
     return self.draft_model.params, self.draft_model.config, None
 
   @classmethod
   def from_cli(cls, arg: str, k: int, tree: int | None) -> "DraftModel":
-    from jaxspec.models.load import load
+    import jaxspec
 
     if not arg:
       raise ValueError("--drafter draft needs a model, e.g. draft:stories260K")
-    return cls(load(arg), k=k, tree=registry.dynamic_tree(tree, k))
+    src, at, size = arg.rpartition("@")
+    if not at or not size.isdigit():
+      src, size = arg, None
+    model = jaxspec.load_model(src)
+    return cls(model, k=k, tree=registry.dynamic_tree(tree, k),
+               vocab=None if size is None else int(size))

@@ -18,6 +18,7 @@ given. Nothing else in jaxspec needs to know the family exists.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 # Typical acceptance rates of a drafter's rank-r candidate (rank 0 = its top guess), used to
 # shape static trees from a node budget (best-first, see trees.Static.from_acceptance).
@@ -133,13 +134,15 @@ def methods(specs: list[str], k: int, tree: int | None) -> list[tuple[str, objec
   for spec in specs:
     if spec == "none":
       continue
-    entry = get(spec.partition(":")[0], spec)
+    name, colon, arg = spec.partition(":")
+    entry = get(name, spec)
     kk = k if entry.cls.uses_k else None  # the same --k for every family that takes one
+    label = f"{name}:{os.path.basename(arg)}" if "/" in arg else spec  # paths by file name
     if entry.chains:
-      out.append((f"{spec} k={k}", parse(spec, kk)))
+      out.append((f"{label} k={k}", parse(spec, kk)))
     if (tree and entry.trees) or not entry.chains:
       d = parse(spec, kk, tree)
-      out.append((f"{spec} tree={d.tree.n_nodes}", d))
+      out.append((f"{label} tree={d.tree.n_nodes}", d))
   return out
 
 

@@ -1,0 +1,127 @@
+"""A reduced draft vocabulary (FR-Spec; EAGLE-3's draft-to-target map).
+
+A drafter's LM head multiplies every draft step by a [V, D] matrix: for Qwen2.5's 151,936
+tokens that is a quarter of the 0.5B model's weights. Most of those rows are tokens a draft
+almost never needs to propose. A `DraftVocab` keeps N target ids (the most frequent ones) and
+their N head rows; the draft's logits are computed over those N only and scattered back into
+the target's vocabulary with every other token at -inf.
+
+This is lossless: verification compares against the target, which still sees every token. A
+token outside the set is simply never proposed (greedy), and under sampling the draft
+distribution q is zero outside the set, which rejection sampling handles (the residual
+max(0, p - q) keeps those tokens' full target mass).
+
+Which ids: `frequent(tokenizer, texts, n)` counts the target tokenizer's ids over text the user
+has (FR-Spec counts a pretraining corpus; the training data of a head works too);
+`leading(n, tokenizer)` takes the first n ids, which byte-level BPE (GPT-2, Llama 3, Qwen) and
+SentencePiece vocabularies order by merge rank or score, i.e. roughly by frequency in the
+tokenizer's own training corpus. Both always keep the end-of-sequence ids.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxspec.models import ModelConfig
+from jaxspec.models import layers as nn
+
+MIN_IDS = 2  # fewer than this is not a vocabulary to draft from
+
+
+def check_ids(ids, vocab_size: int) -> np.ndarray:
+  """Sorted unique int32 ids in [0, vocab_size), or a ValueError naming what is wrong."""
+  arr = np.asarray(ids)
+  if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+    raise ValueError(f"a draft vocabulary is a 1-D sequence of integer token ids, got an array "
+                     f"of shape {arr.shape} and dtype {arr.dtype}")
+  arr = np.unique(arr.astype(np.int64))
+  if arr.size < MIN_IDS:
+    raise ValueError(f"a draft vocabulary needs at least {MIN_IDS} token ids, got {arr.size}")
+  if arr[0] < 0 or arr[-1] >= vocab_size:
+    bad = int(arr[0] if arr[0] < 0 else arr[-1])
+    raise ValueError(f"draft vocabulary id {bad} is outside the target's vocabulary "
+                     f"[0, {vocab_size})")
+  return arr.astype(np.int32)
+
+
+def _with_eos(ranked: Iterable[int], n: int, eos_ids: Sequence[int], vocab_size: int):
+  keep = [int(e) for e in eos_ids if 0 <= int(e) < vocab_size]
+  for t in ranked:
+    if len(keep) >= n:
+      break
+    if t not in keep:
+      keep.append(int(t))
+  return np.sort(np.asarray(keep[:max(n, len(eos_ids))], np.int32))
+
+
+def _check_n(n, vocab_size: int) -> int:
+  if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+    raise TypeError(f"a draft vocabulary size must be an integer, got {type(n).__name__}")
+  if not MIN_IDS <= int(n) <= vocab_size:
+    raise ValueError(f"a draft vocabulary size must be in [{MIN_IDS}, {vocab_size}] (the "
+                     f"target's vocabulary), got {n}")
+  return int(n)
+
+
+def leading(n: int, vocab_size: int, eos_ids: Sequence[int] = ()) -> np.ndarray:
+  """The end-of-sequence ids and the lowest ids, n in all (sorted)."""
+  n = _check_n(n, vocab_size)
+  return _with_eos(range(vocab_size), n, eos_ids, vocab_size)
+
+
+def count(tokenizer, texts: Iterable[str]) -> Counter:
+  """How often each token id occurs in the tokenizer's encoding of `texts`."""
+  c: Counter = Counter()
+  for t in texts:
+    c.update(tokenizer.encode(t))
+  return c
+
+
+def frequent(tokenizer, texts: Iterable[str] | Counter, n: int) -> np.ndarray:
+  """The end-of-sequence ids and the most frequent ids in `texts` (or in a `count` result),
+  n in all, sorted; ids never seen are taken lowest first (merge order) to fill n."""
+  v = tokenizer.vocab_size
+  n = _check_n(n, v)
+  counts = texts if isinstance(texts, Counter) else count(tokenizer, texts)
+  seen = [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if 0 <= t < v]
+  return _with_eos(list(seen) + list(range(v)), n, tokenizer.eos_ids, v)
+
+
+def resolve(vocab, config: ModelConfig, tokenizer) -> np.ndarray | None:
+  """A drafter's `vocab=` argument -> sorted target ids, or None (the full vocabulary):
+  an int n is `leading(n)`; a sequence is taken as given."""
+  if vocab is None:
+    return None
+  v = config.vocab_size
+  if isinstance(vocab, (int, np.integer)) and not isinstance(vocab, bool):
+    eos = tokenizer.eos_ids if tokenizer is not None else ()
+    ids = leading(vocab, v, eos)
+  else:
+    if isinstance(vocab, (str, bytes, bool, float)):
+      raise TypeError(f"vocab must be None, an integer size or a sequence of token ids, got "
+                      f"{type(vocab).__name__}")
+    ids = check_ids(vocab, v)
+  return None if ids.size == v else ids
+
+
+def params(model_params, config: ModelConfig, ids: np.ndarray) -> dict:
+  """{"ids": [N] int32, "w": [N, D] the head rows of those ids, "final_norm": [D]}."""
+  idx = jnp.asarray(ids)
+  w = (model_params["embed"][idx] if config.tied_embeddings
+       else jnp.take(model_params["lm_head"], idx, axis=1).T)
+  return {"ids": idx, "w": w, "final_norm": model_params["final_norm"]}
+
+
+def logits(vp: dict, config: ModelConfig, x: jax.Array) -> jax.Array:
+  """Final norm and the reduced head: x [B, T, D] (before the final norm) -> float32 logits
+  [B, T, V] over the full vocabulary, -inf outside the draft vocabulary."""
+  h = nn.rms_norm(x, vp["final_norm"], config.norm_eps, config.norm_plus_one)
+  sub = jnp.einsum("BTD,ND->BTN", h, vp["w"], preferred_element_type=jnp.float32)
+  sub = nn.softcap(sub, config.final_softcap)
+  full = jnp.full(sub.shape[:-1] + (config.vocab_size,), -jnp.inf, jnp.float32)
+  return full.at[..., vp["ids"]].set(sub)
