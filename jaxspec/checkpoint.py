@@ -251,9 +251,11 @@ def _restore(ckpt, params_dir: str, shapes, saved, dtype, mesh, config=None):
   `dtype` is given, on one device or sharded by `jaxspec.sharding.param_shardings`."""
   from jaxspec.models.hf import param_shardings
 
-  shape_tree = jax.tree.map(
-      lambda s, m: jax.ShapeDtypeStruct(tuple(s), dtype if dtype is not None else m.dtype),
-      shapes, saved, is_leaf=lambda s: isinstance(s, tuple))
+  def want(s, m):  # `dtype` converts floating weights; integer leaves (token ids) stay as saved
+    cast = dtype is not None and jnp.issubdtype(m.dtype, jnp.floating)
+    return jax.ShapeDtypeStruct(tuple(s), dtype if cast else m.dtype)
+
+  shape_tree = jax.tree.map(want, shapes, saved, is_leaf=lambda s: isinstance(s, tuple))
   if mesh is None:
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shardings = jax.tree.map(lambda _: one, shape_tree)

@@ -135,7 +135,8 @@ def cmd_train_drafter(a) -> int:
   model = jaxspec.load_model(a.model)
   kw = {key: getattr(a, key) for key in ("k", "batch_size", "seq_len", "lr", "seed",
                                          "eval_every", "layers", "num_prompts",
-                                         "samples_per_prompt") if getattr(a, key) is not None}
+                                         "samples_per_prompt", "draft_vocab")
+        if getattr(a, key) is not None}
   jaxspec.train.train_drafter(model, kind=a.kind, out_dir=a.out, steps=a.steps, data=a.data,
                               resume=not a.no_resume, **kw)
   use = f"draft:{a.out}/drafter" if a.kind == "distill" else f"{a.kind}:{a.out}"
@@ -176,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
   t.add_argument("--data", default=None, help="JSONL ({prompt|text|turns}) or text prompts")
   for flag, typ in (("--k", int), ("--batch-size", int), ("--seq-len", int), ("--lr", float),
                     ("--seed", int), ("--eval-every", int), ("--layers", int),
-                    ("--num-prompts", int), ("--samples-per-prompt", int)):
+                    ("--num-prompts", int), ("--samples-per-prompt", int),
+                    ("--draft-vocab", int)):
     t.add_argument(flag, type=typ, default=None)
   t.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
   t.set_defaults(fn=cmd_train_drafter)

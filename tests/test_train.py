@@ -235,6 +235,71 @@ def test_head_errors(stories, eagle_head, medusa_heads, runs):
     parse_drafter("medusa", k=4)
 
 
+# ------------------------------------------------------------- a reduced draft vocabulary
+
+V_DRAFT = 96  # of stories260K's 512 tokens
+
+
+@pytest.fixture(scope="module")
+def small_vocab_heads(stories, runs, eagle_head):
+  out = {}
+  for kind in ("eagle", "medusa"):
+    _reuse_data(runs, f"{kind}_v")
+    out[kind] = _train(stories, kind, runs / f"{kind}_v", draft_vocab=V_DRAFT)
+  return out
+
+
+def test_draft_vocab_is_the_training_data_s_most_frequent(stories, runs, small_vocab_heads):
+  from collections import Counter
+
+  tokens = np.load(runs / "eagle_v" / "data" / "tokens.npy")
+  lens = np.load(runs / "eagle_v" / "data" / "lens.npy")
+  counts = Counter(t for row, n in zip(tokens, lens) for t in row[:n].tolist())
+  top = sorted(counts, key=lambda t: (-counts[t], t))[:V_DRAFT - 1]
+  for kind, head in small_vocab_heads.items():
+    ids = np.asarray(head.params["vocab_ids"])
+    assert head.config.draft_vocab == V_DRAFT and ids.dtype == np.int32
+    assert ids.shape == (V_DRAFT,) and list(ids) == sorted(ids)
+    assert set(stories.tokenizer.eos_ids) <= set(ids.tolist())
+    assert set(top) <= set(ids.tolist()) | set(stories.tokenizer.eos_ids)
+
+
+def test_draft_vocab_heads_learn_and_are_lossless(stories, plain, runs, small_vocab_heads):
+  """Greedy output equals plain decoding for chains and trees; the heads still learn (held-out
+  tau rises over training, as with the full vocabulary)."""
+  for kind, head in small_vocab_heads.items():
+    taus = [h["tau"] for h in _history(runs / f"{kind}_v") if "tau" in h]
+    assert taus[-1] > taus[0] + 0.2 and taus[-1] > {"eagle": 1.5, "medusa": 1.2}[kind], taus
+    cls = drafters.Eagle if kind == "eagle" else drafters.Medusa
+    for d in (cls(head, k=4), cls(head, tree=TREES["dynamic"])):
+      out = _run(stories, d)
+      assert out.tokens == plain.tokens
+      assert out.stats.mean_accepted > 1.1
+
+
+def test_draft_vocab_head_round_trips(stories, small_vocab_heads, tmp_path):
+  import jax.numpy as jnp
+  head = small_vocab_heads["medusa"]
+  path = head.save(tmp_path / "m")
+  back = drafters.MedusaHeads.load(path, dtype=jnp.bfloat16)  # weights cast, ids kept
+  assert back.params["vocab_ids"].dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(back.params["vocab_ids"]),
+                                np.asarray(head.params["vocab_ids"]))
+  assert back.params["w"].dtype == jnp.bfloat16 and back.config == head.config
+
+
+def test_draft_vocab_errors(stories, runs):
+  with pytest.raises(ValueError, match="draft_vocab must be at most the target's vocabulary"):
+    jaxspec.train.train_drafter(stories, kind="eagle", out_dir=str(runs / "x"), steps=1,
+                                draft_vocab=513)
+  with pytest.raises(ValueError, match="draft_vocab must be None for kind 'distill'"):
+    jaxspec.train.train_drafter(stories, kind="distill", out_dir=str(runs / "x"), steps=1,
+                                draft_vocab=64)
+  with pytest.raises(ValueError, match="draft_vocab must be an integer >= 2"):
+    jaxspec.train.train_drafter(stories, kind="eagle", out_dir=str(runs / "x"), steps=1,
+                                draft_vocab=1)
+
+
 def test_data_file_formats(stories, tmp_path):
   from jaxspec.train import data
   jsonl = tmp_path / "p.jsonl"

@@ -34,9 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxspec.models import KVCache, Model, ModelConfig, forward, head, param_shapes
+from jaxspec.models import KVCache, Model, ModelConfig, forward, param_shapes
 
-from . import registry
+from . import registry, vocab
 from .base import Accepted, Drafter, DrafterSpec, Prefill, Proposal, Round, last_tokens, pick
 from .chain import draft_chain
 from .head import Head
@@ -51,6 +51,7 @@ class EagleConfig:
 
   target: ModelConfig
   layers: int = 1
+  draft_vocab: int = 0  # > 0: the head reads out over this many target ids (`drafters.vocab`)
 
   @property
   def decoder(self) -> ModelConfig:
@@ -66,7 +67,10 @@ class EagleConfig:
 
 def param_shapes_eagle(config: EagleConfig) -> dict:
   d = config.target.dim
-  return {"fc": (2 * d, d), "fc_b": (d,), "layers": param_shapes(config.decoder)["layers"]}
+  out = {"fc": (2 * d, d), "fc_b": (d,), "layers": param_shapes(config.decoder)["layers"]}
+  if config.draft_vocab:
+    out["vocab_ids"] = (config.draft_vocab,)
+  return out
 
 
 def init_params(config: EagleConfig, seed: int = 0, scale: float = 0.02) -> dict:
@@ -143,12 +147,12 @@ class EagleSpec(DrafterSpec):
     pending = last_tokens(r.seq, r.n, 1)[:, 0]
     g, cache = step(params, tp, self.head, st.feat[:, None], pending[:, None],
                     st.cache.rewind(base))
-    first = head(tp, self.target, g)[:, 0]
+    first = vocab.read_out(params["vocab"], tp, self.target, g)[:, 0]
     if self.tree is None:
       def one(carry, tok):
         cache, g = carry
         g, cache = step(params, tp, self.head, g, tok[:, None], cache)
-        return (cache, g), head(tp, self.target, g)[:, 0]
+        return (cache, g), vocab.read_out(params["vocab"], tp, self.target, g)[:, 0]
 
       (cache, _), tokens, probs = draft_chain(one, (cache, g), first, self.k, r.key, self.mode,
                                               r.sp)
@@ -157,7 +161,7 @@ class EagleSpec(DrafterSpec):
     def feed(cache, toks, pos, mask_base, tree_mask, parent):
       g, cache = step(params, tp, self.head, parent, toks, cache, positions=pos,
                       tree_mask=tree_mask, mask_base=mask_base)
-      return cache, head(tp, self.target, g), g
+      return cache, vocab.read_out(params["vocab"], tp, self.target, g), g
 
     cache, arrays, _ = grow(feed, cache, first, pending, base, self.tree, root_feat=g[:, 0])
     return st.replace(cache=cache, drafts=arrays.tokens), Proposal.from_tree(self.tree, arrays)
@@ -218,7 +222,7 @@ class Eagle(Drafter):
       raise ValueError(f"EAGLE head {h.name!r} has no usable config ({h.config!r})")
     h.check_target("EAGLE", target)
     h.check_shapes(param_shapes_eagle(h.config))
-    params = jax.tree.map(lambda x: jnp.asarray(x, target.dtype), h.params)
+    params = vocab.bind_head(h.params, target)
     return EagleSpec(k=self.k, target=target.config, head=h.config, tree=self.tree), params
 
   @classmethod

@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxspec import sampling
-from jaxspec.models import Model, ModelConfig, head
+from jaxspec.models import Model, ModelConfig
 
-from . import registry
+from . import registry, vocab
 from .base import Accepted, Drafter, DrafterSpec, Prefill, Proposal, Round, last_tokens, pick
 from .head import Head
 from .tree_draft import grow
@@ -44,17 +44,22 @@ class MedusaConfig:
   target: ModelConfig
   n_heads: int = 4
   layers: int = 1  # residual blocks per head
+  draft_vocab: int = 0  # > 0: the heads read out over this many target ids (`drafters.vocab`)
 
 
 def param_shapes_medusa(config: MedusaConfig) -> dict:
   h, l, d = config.n_heads, config.layers, config.target.dim
-  return {"w": (h, l, d, d), "b": (h, l, d)}
+  out = {"w": (h, l, d, d), "b": (h, l, d)}
+  if config.draft_vocab:
+    out["vocab_ids"] = (config.draft_vocab,)
+  return out
 
 
 def init_params(config: MedusaConfig, seed: int = 0) -> dict:
   """Zero blocks (Medusa's init): every head starts as the target's own next-token head."""
   del seed
-  return jax.tree.map(lambda s: jnp.zeros(s, jnp.float32), param_shapes_medusa(config),
+  shapes = param_shapes_medusa(dataclasses.replace(config, draft_vocab=0))
+  return jax.tree.map(lambda s: jnp.zeros(s, jnp.float32), shapes,
                       is_leaf=lambda s: isinstance(s, tuple))
 
 
@@ -68,8 +73,14 @@ def features(params, h: jax.Array) -> jax.Array:
 
 
 def logits(params, tparams, target: ModelConfig, h: jax.Array) -> jax.Array:
-  """h [B, D] -> float32 logits [B, H, V] of tokens +2 .. +H+1 beyond h's position."""
-  return head(tparams, target, features(params, h))
+  """h [B, D] -> float32 logits [B, H, V] of tokens +2 .. +H+1 beyond h's position (over the
+  heads' reduced vocabulary when they have one, -inf elsewhere)."""
+  return vocab.read_out(params.get("vocab"), tparams, target, features(params, h))
+
+
+def _first(params, n: int) -> dict:
+  """The first n heads' blocks (the readout is shared)."""
+  return dict(params, w=params["w"][:n], b=params["b"][:n])
 
 
 # ------------------------------------------------------------------------------- loop spec
@@ -88,12 +99,12 @@ class MedusaSpec(DrafterSpec):
 
   def propose(self, params, feat, r: Round):
     if self.tree is None:
-      sub = jax.tree.map(lambda x: x[:self.k], params)  # the first k heads
+      sub = _first(params, self.k)
       lg = logits(sub, r.tparams, self.target, feat)  # [B, k, V]
       tokens, probs = sampling.sample(r.key, lg, self.mode, r.sp)
       return feat, Proposal.chain(tokens, probs)
     depth = self.tree.max_depth
-    sub = jax.tree.map(lambda x: x[:depth], params)
+    sub = _first(params, depth)
     lg = logits(sub, r.tparams, self.target, feat)  # [B, depth, V]: head d = depth d+1 tokens
 
     def feed(cache, toks, pos, mask_base, tree_mask, parent):
@@ -153,7 +164,7 @@ class Medusa(Drafter):
       raise ValueError(f"Medusa heads {h.name!r} have no usable config ({h.config!r})")
     h.check_target("Medusa", target)
     h.check_shapes(param_shapes_medusa(h.config))
-    params = jax.tree.map(lambda x: jnp.asarray(x, target.dtype), h.params)
+    params = vocab.bind_head(h.params, target)
     return MedusaSpec(k=self.k, target=target.config, head=h.config, tree=self.tree), params
 
   @classmethod

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec.models import ModelConfig
+from jaxspec.models import ModelConfig, head
 from jaxspec.models import layers as nn
 
 MIN_IDS = 2  # fewer than this is not a vocabulary to draft from
@@ -49,14 +49,14 @@ def check_ids(ids, vocab_size: int) -> np.ndarray:
   return arr.astype(np.int32)
 
 
-def _with_eos(ranked: Iterable[int], n: int, eos_ids: Sequence[int], vocab_size: int):
-  keep = [int(e) for e in eos_ids if 0 <= int(e) < vocab_size]
-  for t in ranked:
+def _with_eos(order: Iterable[int], n: int, eos_ids: Sequence[int], vocab_size: int):
+  """The eos ids, then ids in `order` not yet taken, until there are n; sorted."""
+  keep = dict.fromkeys(int(e) for e in eos_ids if 0 <= int(e) < vocab_size)
+  for t in order:
     if len(keep) >= n:
       break
-    if t not in keep:
-      keep.append(int(t))
-  return np.sort(np.asarray(keep[:max(n, len(eos_ids))], np.int32))
+    keep.setdefault(int(t))
+  return np.sort(np.fromiter(keep, np.int32, len(keep)))
 
 
 def _check_n(n, vocab_size: int) -> int:
@@ -82,14 +82,19 @@ def count(tokenizer, texts: Iterable[str]) -> Counter:
   return c
 
 
-def frequent(tokenizer, texts: Iterable[str] | Counter, n: int) -> np.ndarray:
-  """The end-of-sequence ids and the most frequent ids in `texts` (or in a `count` result),
+def ranked(counts: Counter, n: int, vocab_size: int, eos_ids: Sequence[int] = ()) -> np.ndarray:
+  """The end-of-sequence ids and the ids most frequent in `counts` (ties: lower id first),
   n in all, sorted; ids never seen are taken lowest first (merge order) to fill n."""
-  v = tokenizer.vocab_size
-  n = _check_n(n, v)
+  n = _check_n(n, vocab_size)
+  seen = [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+          if 0 <= t < vocab_size]
+  return _with_eos(seen + list(range(vocab_size)), n, eos_ids, vocab_size)
+
+
+def frequent(tokenizer, texts: Iterable[str] | Counter, n: int) -> np.ndarray:
+  """`ranked` over the tokenizer's encoding of `texts` (or over a `count` result)."""
   counts = texts if isinstance(texts, Counter) else count(tokenizer, texts)
-  seen = [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if 0 <= t < v]
-  return _with_eos(list(seen) + list(range(v)), n, tokenizer.eos_ids, v)
+  return ranked(counts, n, tokenizer.vocab_size, tokenizer.eos_ids)
 
 
 def resolve(vocab, config: ModelConfig, tokenizer) -> np.ndarray | None:
@@ -117,11 +122,37 @@ def params(model_params, config: ModelConfig, ids: np.ndarray) -> dict:
   return {"ids": idx, "w": w, "final_norm": model_params["final_norm"]}
 
 
-def logits(vp: dict, config: ModelConfig, x: jax.Array) -> jax.Array:
-  """Final norm and the reduced head: x [B, T, D] (before the final norm) -> float32 logits
-  [B, T, V] over the full vocabulary, -inf outside the draft vocabulary."""
+def sub_logits(vp: dict, config: ModelConfig, x: jax.Array) -> jax.Array:
+  """Final norm and the reduced head: x [..., D] (before the final norm) -> float32 logits
+  [..., N] over the draft vocabulary only (what training's softmax runs over)."""
   h = nn.rms_norm(x, vp["final_norm"], config.norm_eps, config.norm_plus_one)
-  sub = jnp.einsum("BTD,ND->BTN", h, vp["w"], preferred_element_type=jnp.float32)
-  sub = nn.softcap(sub, config.final_softcap)
+  sub = jnp.einsum("...D,ND->...N", h, vp["w"], preferred_element_type=jnp.float32)
+  return nn.softcap(sub, config.final_softcap)
+
+
+def scatter(vp: dict, config: ModelConfig, sub: jax.Array) -> jax.Array:
+  """[..., N] logits over the draft vocabulary -> [..., V], -inf outside it."""
   full = jnp.full(sub.shape[:-1] + (config.vocab_size,), -jnp.inf, jnp.float32)
   return full.at[..., vp["ids"]].set(sub)
+
+
+def logits(vp: dict, config: ModelConfig, x: jax.Array) -> jax.Array:
+  """x [..., D] (before the final norm) -> float32 logits [..., V] over the full vocabulary,
+  -inf outside the draft vocabulary."""
+  return scatter(vp, config, sub_logits(vp, config, x))
+
+
+def read_out(vp: dict | None, tparams, config: ModelConfig, x: jax.Array) -> jax.Array:
+  """A trained head's readout of features x [..., D]: the target's own head (vp None) or the
+  reduced one (`params(...)` of the head's ids)."""
+  return head(tparams, config, x) if vp is None else logits(vp, config, x)
+
+
+def bind_head(head_params: dict, target) -> dict:
+  """A trained head's params for the loop: floating weights in the target's dtype, and its
+  saved `vocab_ids` (if any) turned into the reduced head of the target (key "vocab")."""
+  p = dict(head_params)
+  ids = p.pop("vocab_ids", None)
+  p = jax.tree.map(lambda x: jnp.asarray(x, target.dtype), p)
+  p["vocab"] = None if ids is None else params(target.params, target.config, np.asarray(ids))
+  return p

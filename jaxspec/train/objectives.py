@@ -16,8 +16,9 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxspec.drafters import eagle, medusa
+from jaxspec.drafters import eagle, medusa, vocab
 from jaxspec.models import Model, ModelConfig, forward, head, layout
 
 
@@ -26,14 +27,43 @@ def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
-def _soft_ce(target_logits: jax.Array, logits: jax.Array) -> jax.Array:
-  """Cross-entropy of softmax(logits) against the target's distribution: [...]."""
+def _soft_ce(target_logits: jax.Array, logits: jax.Array, ids=None) -> jax.Array:
+  """Cross-entropy of softmax(logits) against the target's distribution: [...]. With a draft
+  vocabulary (`ids` [N]; logits [..., N]) only the target's mass on those ids counts (FR-Spec:
+  the softmax runs over N tokens, not V)."""
   p = jax.nn.softmax(target_logits, axis=-1)
+  if ids is not None:
+    p = p[..., ids]
   return -jnp.sum(p * jax.nn.log_softmax(logits, axis=-1), axis=-1)
 
 
-def _agree(target_logits: jax.Array, logits: jax.Array) -> jax.Array:
-  return (jnp.argmax(target_logits, -1) == jnp.argmax(logits, -1)).astype(jnp.float32)
+def _agree(target_logits: jax.Array, logits: jax.Array, ids=None) -> jax.Array:
+  top = jnp.argmax(logits, -1)
+  if ids is not None:
+    top = ids[top]
+  return (jnp.argmax(target_logits, -1) == top).astype(jnp.float32)
+
+
+class _Readout:
+  """The draft side's readout: the target's head, or a reduced draft vocabulary `ids` (a
+  static tuple of target ids, `drafters.vocab`; counted over the training data)."""
+
+  ids: tuple[int, ...] | None
+
+  def _ids(self):
+    return None if self.ids is None else jnp.asarray(np.asarray(self.ids, np.int32))
+
+  def _draft_logits(self, tparams, x):
+    """(draft logits [..., V] or [..., N], ids [N] or None)."""
+    if self.ids is None:
+      return head(tparams, self.target, x), None
+    ids = self._ids()
+    vp = vocab.params(tparams, self.target, ids)
+    return vocab.sub_logits(vp, self.target, x), ids
+
+  def _with_ids(self, params) -> dict:
+    """Trained params as saved: the draft vocabulary's ids go along (`vocab_ids`)."""
+    return params if self.ids is None else dict(params, vocab_ids=self._ids())
 
 
 def _smooth_l1(x: jax.Array) -> jax.Array:
@@ -42,7 +72,7 @@ def _smooth_l1(x: jax.Array) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class EagleObjective:
+class EagleObjective(_Readout):
   """Feature regression (smooth L1, f_{t+1}) + token cross-entropy against the target's
   distribution of x_{t+2}, read out through the target's head (EAGLE's loss, with the
   regression in units of the feature RMS by default)."""
@@ -57,6 +87,7 @@ class EagleObjective:
   # Measured: SmolLM2 top-1 draft agreement 0.32 vs 0.27 after 60 steps on the same batches;
   # stories260K held-out tau 2.96 vs 2.88 after 1000 steps. False = EAGLE's raw regression.
   feature_norm: bool = True
+  ids: tuple[int, ...] | None = None
 
   def init(self, model: Model, seed: int):
     return eagle.init_params(self.head, seed)
@@ -71,31 +102,33 @@ class EagleObjective:
     g = g.astype(jnp.float32)
     mask = (jnp.arange(t - 1)[None, :] + 1) < lens[:, None]  # f_{t+1} exists
     tl = jax.lax.stop_gradient(head(tparams, self.target, f_out))
-    dl = head(tparams, self.target, g)
+    dl, ids = self._draft_logits(tparams, g)
     err = g - f_out
     if self.feature_norm:
       ms = _masked_mean(jnp.mean(f_out * f_out, axis=-1), mask)
       err = err / jax.lax.stop_gradient(jnp.sqrt(ms) + 1e-6)
     reg = _masked_mean(jnp.mean(_smooth_l1(err), axis=-1), mask)
-    ce = _masked_mean(_soft_ce(tl, dl), mask)
+    ce = _masked_mean(_soft_ce(tl, dl, ids), mask)
     loss = self.reg_weight * reg + self.ce_weight * ce
-    return loss, {"loss": loss, "reg": reg, "ce": ce, "acc": _masked_mean(_agree(tl, dl), mask)}
+    return loss, {"loss": loss, "reg": reg, "ce": ce,
+                  "acc": _masked_mean(_agree(tl, dl, ids), mask)}
 
   def result(self, model: Model, params, meta):
-    return eagle.EagleHead(params=params, config=self.head, name=f"{model.name}-eagle",
-                           meta=meta)
+    return eagle.EagleHead(params=self._with_ids(params), config=self.head,
+                           name=f"{model.name}-eagle", meta=meta)
 
   def drafter(self, model: Model, params, k: int):
-    return eagle.Eagle(eagle.EagleHead(params=params, config=self.head), k=k)
+    return eagle.Eagle(eagle.EagleHead(params=self._with_ids(params), config=self.head), k=k)
 
 
 @dataclasses.dataclass(frozen=True)
-class MedusaObjective:
+class MedusaObjective(_Readout):
   """Head i: cross-entropy against the target's distribution of x_{t+2+i}, weighted decay**i."""
 
   target: ModelConfig
   head: medusa.MedusaConfig
   decay: float = 0.8
+  ids: tuple[int, ...] | None = None
 
   def init(self, model: Model, seed: int):
     return medusa.init_params(self.head, seed)
@@ -110,21 +143,22 @@ class MedusaObjective:
       # Head i at position t predicts x_{t+2+i}, whose target distribution sits at t+1+i.
       tgt = jnp.roll(tl, -(i + 1), axis=1)
       mask = pos + 1 + i < lens[:, None]
-      dl = head(tparams, self.target, x[:, :, i])
-      ce = _masked_mean(_soft_ce(tgt, dl), mask)
+      dl, ids = self._draft_logits(tparams, x[:, :, i])
+      ce = _masked_mean(_soft_ce(tgt, dl, ids), mask)
       total += self.decay ** i * ce
       weights += self.decay ** i
-      metrics[f"acc{i}"] = _masked_mean(_agree(tgt, dl), mask)
+      metrics[f"acc{i}"] = _masked_mean(_agree(tgt, dl, ids), mask)
     loss = total / weights
     metrics.update(loss=loss, acc=metrics["acc0"])
     return loss, metrics
 
   def result(self, model: Model, params, meta):
-    return medusa.MedusaHeads(params=params, config=self.head, name=f"{model.name}-medusa",
-                              meta=meta)
+    return medusa.MedusaHeads(params=self._with_ids(params), config=self.head,
+                              name=f"{model.name}-medusa", meta=meta)
 
   def drafter(self, model: Model, params, k: int):
-    return medusa.Medusa(medusa.MedusaHeads(params=params, config=self.head), k=k)
+    return medusa.Medusa(medusa.MedusaHeads(params=self._with_ids(params), config=self.head),
+                         k=k)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,12 +197,21 @@ class DistillObjective:
     return DraftModel(Model(self.draft, params, model.tokenizer, name="distill"), k=k)
 
 
-def make(kind: str, model: Model, *, k: int, layers: int | None = None, **opts):
+def make(kind: str, model: Model, *, k: int, layers: int | None = None, ids=None, **opts):
+  """ids: a reduced draft vocabulary (sorted target ids; eagle and medusa), or None."""
   c = model.config
+  n = 0 if ids is None else len(ids)
+  ids = None if ids is None else tuple(int(t) for t in ids)
   if kind == "eagle":
-    return EagleObjective(c, eagle.EagleConfig(c, layers=layers or 1), **opts)
+    return EagleObjective(c, eagle.EagleConfig(c, layers=layers or 1, draft_vocab=n), ids=ids,
+                          **opts)
   if kind == "medusa":
-    return MedusaObjective(c, medusa.MedusaConfig(c, n_heads=k, layers=layers or 1), **opts)
+    return MedusaObjective(c, medusa.MedusaConfig(c, n_heads=k, layers=layers or 1,
+                                                  draft_vocab=n), ids=ids, **opts)
+  if ids is not None:
+    raise ValueError(f"draft_vocab applies to kind 'eagle' and 'medusa'; a {kind!r} drafter is "
+                     f"a model: give it a reduced vocabulary at drafting time, "
+                     f"DraftModel(model, vocab=N)")
   if kind == "distill":
     n = layers or min(c.n_layers - 1, max(1, c.n_layers // 4))
     if not 1 <= n < c.n_layers:

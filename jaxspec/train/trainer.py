@@ -146,7 +146,8 @@ KINDS = ("eagle", "medusa", "distill")
 FLAGS = {"kind": "--kind", "out_dir": "--out", "steps": "--steps", "data": "--data", "k": "--k",
          "batch_size": "--batch-size", "seq_len": "--seq-len", "lr": "--lr", "seed": "--seed",
          "eval_every": "--eval-every", "layers": "--layers", "num_prompts": "--num-prompts",
-         "samples_per_prompt": "--samples-per-prompt", "model": "--model"}
+         "samples_per_prompt": "--samples-per-prompt", "model": "--model",
+         "draft_vocab": "--draft-vocab"}
 
 
 def _bad(name: str, rule: str, value) -> ValueError:
@@ -166,7 +167,8 @@ def _check_arguments(model: Model, a: dict) -> None:
                      f"'distill'")
   ints = {"steps": 1, "batch_size": 1, "seq_len": 2, "samples_per_prompt": 1, "eval_tokens": 1,
           "eval_prompts": 0}
-  optional_ints = {"eval_every": 0, "layers": 1, "warmup": 0, "num_prompts": 1, "save_every": 1}
+  optional_ints = {"eval_every": 0, "layers": 1, "warmup": 0, "num_prompts": 1, "save_every": 1,
+                   "draft_vocab": 2}
   for name, low in list(ints.items()) + list(optional_ints.items()):
     v = a[name]
     if v is None and name in optional_ints:
@@ -193,6 +195,13 @@ def _check_arguments(model: Model, a: dict) -> None:
     validate.flag(name, a[name])
   if a["callback"] is not None and not callable(a["callback"]):
     raise _bad("callback", "a function or None", a["callback"])
+  v = model.config.vocab_size
+  if a["draft_vocab"] is not None:
+    if a["draft_vocab"] > v:
+      raise _bad("draft_vocab", f"at most the target's vocabulary ({v}) or None", a["draft_vocab"])
+    if a["kind"] == "distill":
+      raise _bad("draft_vocab", "None for kind 'distill' (a distilled model drafts with "
+                 "DraftModel(model, vocab=N))", a["draft_vocab"])
   if a["seq_len"] > model.config.max_seq_len:
     e = ValueError(f"seq_len={a['seq_len']} exceeds the model's context "
                    f"({model.config.max_seq_len})")
@@ -213,6 +222,19 @@ def _settings_mismatch(out_dir: str, diff: list, old: dict, new: dict) -> ValueE
   return e
 
 
+def draft_ids(model: Model, ds, n: int):
+  """The N target ids most frequent in the training data (prompts and the target's own
+  generations), end-of-sequence ids always in; sorted."""
+  from collections import Counter
+
+  from jaxspec.drafters import vocab
+  counts = Counter()
+  for row, length in zip(ds.tokens, ds.lens):
+    counts.update(np.asarray(row[:int(length)]).tolist())
+  eos = model.tokenizer.eos_ids if model.tokenizer is not None else ()
+  return vocab.ranked(counts, n, model.config.vocab_size, eos)
+
+
 def train_drafter(model: Model, *, kind: str = "eagle", out_dir: str, steps: int, data: str | None = None,
                   k: int = 4, batch_size: int = 16, seq_len: int = 128, lr: float = 3e-3,
                   seed: int = 0, eval_every: int | None = None, progress: bool = True,
@@ -221,7 +243,7 @@ def train_drafter(model: Model, *, kind: str = "eagle", out_dir: str, steps: int
                   samples_per_prompt: int = 2, temperature: float = 1.0, eval_prompts: int = 8,
                   eval_tokens: int = 64, save_every: int | None = None,
                   callback: Callable[[int, dict], None] | None = None,
-                  **objective_options):
+                  draft_vocab: int | None = None, **objective_options):
   """Trains a drafter for `model` by self-distillation and saves it to `out_dir/drafter`.
 
   Args:
@@ -242,6 +264,10 @@ def train_drafter(model: Model, *, kind: str = "eagle", out_dir: str, steps: int
       sample of each prompt is greedy, the others sampled at `temperature`).
     eval_prompts, eval_tokens: the held-out set for tau.
     callback: called as callback(step, metrics) after every step.
+    draft_vocab: eagle / medusa: read out over the N target tokens most frequent in the
+      training data (FR-Spec; `jaxspec.drafters.vocab`) instead of all V: each draft step's
+      head and each training step's softmax cost N/V of the full ones. Lossless; None keeps
+      the full vocabulary.
     objective_options: kind-specific loss settings (eagle: reg_weight, ce_weight, noise;
       medusa: decay).
   """
@@ -252,9 +278,10 @@ def train_drafter(model: Model, *, kind: str = "eagle", out_dir: str, steps: int
       seq_len=seq_len, lr=lr, seed=seed, eval_every=eval_every, progress=progress, resume=resume,
       layers=layers, warmup=warmup, weight_decay=weight_decay, clip=clip, num_prompts=num_prompts,
       samples_per_prompt=samples_per_prompt, temperature=temperature, eval_prompts=eval_prompts,
-      eval_tokens=eval_tokens, save_every=save_every, callback=callback))
+      eval_tokens=eval_tokens, save_every=save_every, callback=callback,
+      draft_vocab=draft_vocab))
   steps, batch_size, seq_len, k, seed = int(steps), int(batch_size), int(seq_len), int(k), int(seed)
-  obj = objectives.make(kind, model, k=k, layers=layers, **objective_options)
+  objectives.make(kind, model, k=k, layers=layers, **objective_options)  # checks the options
   warmup = max(1, steps // 20) if warmup is None else warmup
   hyper = Hyper(steps=steps, lr=float(lr), warmup=int(warmup), weight_decay=float(weight_decay),
                 clip=float(clip))
@@ -269,7 +296,8 @@ def train_drafter(model: Model, *, kind: str = "eagle", out_dir: str, steps: int
               "layers": layers, "warmup": hyper.warmup, "weight_decay": hyper.weight_decay,
               "clip": hyper.clip, "num_prompts": num_prompts,
               "samples_per_prompt": samples_per_prompt, "temperature": temperature,
-              "eval_prompts": eval_prompts, "options": objective_options}
+              "eval_prompts": eval_prompts, "options": objective_options,
+              "draft_vocab": draft_vocab}
   settings = json.loads(json.dumps(settings))
   cfg_file = os.path.join(out_dir, CONFIG_FILE)
   state_dir = os.path.join(out_dir, STATE_DIR)
@@ -292,6 +320,8 @@ def train_drafter(model: Model, *, kind: str = "eagle", out_dir: str, steps: int
   ds = data_lib.build(model, train_p, os.path.join(out_dir, DATA_DIR), seq_len=seq_len,
                       samples=samples_per_prompt, temperature=temperature, seed=seed,
                       progress=progress)
+  ids = None if draft_vocab is None else draft_ids(model, ds, int(draft_vocab))
+  obj = objectives.make(kind, model, k=k, layers=layers, ids=ids, **objective_options)
   # The run starts here: only now are its settings recorded (a run that failed or was stopped
   # before this point leaves nothing that would refuse the next attempt).
   if not resume and os.path.isdir(state_dir):
