@@ -35,17 +35,9 @@ def load_model(source, *, dtype=None, mesh=None, progress: bool = True, layers: 
   layer loop), "per_layer" (one buffer per layer, an unrolled loop: faster on CPU for large
   layers, longer compiles) or "auto" (per-layer on CPU for layers of 32 MB or more);
   see `jaxspec.models.layout`."""
-  import os
-
   from jaxspec import fetch
   from jaxspec.models.load import load
-  if isinstance(source, str) and source in fetch.CHECKPOINTS and not os.path.exists(source):
-    found = fetch.path(source)
-    if found is None:
-      raise FileNotFoundError(f"checkpoint {source!r} is not fetched yet (or is incomplete): "
-                              f"run `{fetch.command(source)}`")
-    source = found
-  return load(source, dtype=dtype, mesh=mesh, progress=progress, layers=layers)
+  return load(fetch.resolve(source), dtype=dtype, mesh=mesh, progress=progress, layers=layers)
 
 
 def __getattr__(name: str):

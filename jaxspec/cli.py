@@ -39,6 +39,7 @@ TRAIN_EXAMPLES = """examples:
   jaxspec train-drafter --kind eagle --out runs/eagle --steps 500
   jaxspec generate "Once upon a time" --drafter eagle:runs/eagle --k 4
   jaxspec train-drafter --kind medusa --out runs/medusa --steps 500 --k 4
+  jaxspec train-drafter --kind hydra --out runs/hydra --steps 500 --k 4 --draft-vocab 256
   jaxspec train-drafter --kind distill --layers 2 --out runs/small --steps 500
   jaxspec generate "Once upon a time" --drafter draft:runs/small/drafter
   jaxspec train-drafter --model path/to/hf_dir --kind eagle --data prompts.jsonl --out runs/x
@@ -59,8 +60,8 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
   p.add_argument("--model", default="stories260K",
                  help="stories260K (embedded), a .bin, a .gguf, an HF or Orbax directory")
   p.add_argument("--drafter", default=None,
-                 help="none | ngram[:N] | early-exit:L | draft:SRC | recycling | medusa:CKPT | "
-                      "eagle:CKPT (default: none)")
+                 help="none | ngram[:N] | early-exit:L | layer-skip[:IDS] | draft:SRC[@N] | "
+                      "recycling | medusa:CKPT | hydra:CKPT | eagle:CKPT (default: none)")
   p.add_argument("--k", type=int, default=None, help="draft tokens per round (default 4)")
   p.add_argument("--tree", type=int, default=None,
                  help="draft a token tree of N nodes instead of a chain (dynamic EAGLE-2 style, "
@@ -168,10 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
   from jaxspec import run
   run.add_arguments(r)
   r.set_defaults(fn=cmd_run)
-  t = sub.add_parser("train-drafter", help="train an EAGLE / Medusa / distilled drafter",
+  t = sub.add_parser("train-drafter", help="train an EAGLE / Medusa / Hydra / distilled drafter",
                      epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
   t.add_argument("--model", default="stories260K", help="the target model (as for generate)")
-  t.add_argument("--kind", required=True, choices=["eagle", "medusa", "distill"])
+  t.add_argument("--kind", required=True, choices=["eagle", "medusa", "hydra", "distill"])
   t.add_argument("--out", required=True, help="run directory (data, checkpoints, drafter/)")
   t.add_argument("--steps", type=int, default=1000)
   t.add_argument("--data", default=None, help="JSONL ({prompt|text|turns}) or text prompts")

@@ -104,6 +104,18 @@ def path(name: str, directory: str | os.PathLike | None = None) -> str | None:
   return str(p) if p.is_file() and p.stat().st_size == spec.size else None
 
 
+def resolve(source):
+  """`source` itself, or the fetched file when it names a checkpoint of this module (and is
+  not an existing path); an unfetched checkpoint is a FileNotFoundError naming the command."""
+  if not isinstance(source, str) or source not in CHECKPOINTS or os.path.exists(source):
+    return source
+  found = path(source)
+  if found is None:
+    raise FileNotFoundError(f"checkpoint {source!r} is not fetched yet (or is incomplete): "
+                            f"run `{command(source)}`")
+  return found
+
+
 def _say(msg: str, quiet: bool) -> None:
   if not quiet:
     print(msg, file=sys.stderr, flush=True)

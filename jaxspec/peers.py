@@ -139,8 +139,10 @@ def load_transformers(source: str, model=None, *, n_layers: int | None = None):
   """A transformers model for `source`: loaded directly from a Hugging Face directory, or
   exported from the jaxspec `model` (loaded from `source` when not given)."""
   import jaxspec
+  from jaxspec import fetch
   from jaxspec.models.load import detect_format
 
+  source = fetch.resolve(source)
   fmt = detect_format(source)
   if fmt == "hf" and n_layers is None:
     import torch
@@ -391,8 +393,10 @@ def compare(model, a, prompts: list[dict], results: dict, *, progress: bool = Tr
 def _is_hf(source: str) -> bool:
   from jaxspec.models.load import detect_format
 
+  from jaxspec import fetch
+
   try:
-    return detect_format(source) == "hf"
+    return detect_format(fetch.resolve(source)) == "hf"
   except (OSError, ValueError):
     return False
 

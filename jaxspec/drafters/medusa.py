@@ -63,13 +63,20 @@ def init_params(config: MedusaConfig, seed: int = 0) -> dict:
                       is_leaf=lambda s: isinstance(s, tuple))
 
 
-def features(params, h: jax.Array) -> jax.Array:
-  """h [..., D] -> per-head features [..., H, D]."""
-  w, b = params["w"], params["b"]
-  x = jnp.broadcast_to(h[..., None, :], h.shape[:-1] + (w.shape[0], h.shape[-1])).astype(w.dtype)
+def blocks(w: jax.Array, b: jax.Array, x: jax.Array) -> jax.Array:
+  """Each head's residual blocks: x [..., H, D] (one input per head), w [H, L, D, D],
+  b [H, L, D] -> [..., H, D]."""
+  x = x.astype(w.dtype)
   for l in range(w.shape[1]):
     x = x + jax.nn.silu(jnp.einsum("...HD,HDE->...HE", x, w[:, l]) + b[:, l])
   return x
+
+
+def features(params, h: jax.Array) -> jax.Array:
+  """h [..., D] -> per-head features [..., H, D] (every head reads the same feature)."""
+  w = params["w"]
+  return blocks(w, params["b"], jnp.broadcast_to(h[..., None, :],
+                                                 h.shape[:-1] + (w.shape[0], h.shape[-1])))
 
 
 def logits(params, tparams, target: ModelConfig, h: jax.Array) -> jax.Array:

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec.drafters import eagle, medusa, vocab
+from jaxspec.drafters import eagle, hydra, medusa, vocab
 from jaxspec.models import Model, ModelConfig, forward, head, layout
 
 
@@ -136,7 +136,7 @@ class MedusaObjective(_Readout):
   def loss(self, params, tparams, tokens, lens, feats, key):
     b, t = tokens.shape
     tl = jax.lax.stop_gradient(head(tparams, self.target, feats))  # [B, T, V]
-    x = medusa.features(params, feats)  # [B, T, H, D]
+    x = self._features(params, tparams, feats, tokens)  # [B, T, H, D]
     pos = jnp.arange(t)[None, :]
     total, weights, metrics = 0.0, 0.0, {}
     for i in range(self.head.n_heads):
@@ -152,6 +152,9 @@ class MedusaObjective(_Readout):
     metrics.update(loss=loss, acc=metrics["acc0"])
     return loss, metrics
 
+  def _features(self, params, tparams, feats, tokens):
+    return medusa.features(params, feats)
+
   def result(self, model: Model, params, meta):
     return medusa.MedusaHeads(params=self._with_ids(params), config=self.head,
                               name=f"{model.name}-medusa", meta=meta)
@@ -159,6 +162,26 @@ class MedusaObjective(_Readout):
   def drafter(self, model: Model, params, k: int):
     return medusa.Medusa(medusa.MedusaHeads(params=self._with_ids(params), config=self.head),
                          k=k)
+
+
+@dataclasses.dataclass(frozen=True)
+class HydraObjective(MedusaObjective):
+  """Medusa's loss, each head teacher-forced with the true token before its own."""
+
+  head: hydra.HydraConfig
+
+  def init(self, model: Model, seed: int):
+    return hydra.init_params(self.head, seed)
+
+  def _features(self, params, tparams, feats, tokens):
+    return hydra.training_features(params, tparams, feats, tokens)
+
+  def result(self, model: Model, params, meta):
+    return hydra.HydraHeads(params=self._with_ids(params), config=self.head,
+                            name=f"{model.name}-hydra", meta=meta)
+
+  def drafter(self, model: Model, params, k: int):
+    return hydra.Hydra(hydra.HydraHeads(params=self._with_ids(params), config=self.head), k=k)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,8 +231,11 @@ def make(kind: str, model: Model, *, k: int, layers: int | None = None, ids=None
   if kind == "medusa":
     return MedusaObjective(c, medusa.MedusaConfig(c, n_heads=k, layers=layers or 1,
                                                   draft_vocab=n), ids=ids, **opts)
+  if kind == "hydra":
+    return HydraObjective(c, hydra.HydraConfig(c, n_heads=k, layers=layers or 1,
+                                               draft_vocab=n), ids=ids, **opts)
   if ids is not None:
-    raise ValueError(f"draft_vocab applies to kind 'eagle' and 'medusa'; a {kind!r} drafter is "
+    raise ValueError(f"draft_vocab applies to kind 'eagle', 'medusa' and 'hydra'; a {kind!r} drafter is "
                      f"a model: give it a reduced vocabulary at drafting time, "
                      f"DraftModel(model, vocab=N)")
   if kind == "distill":
@@ -217,4 +243,5 @@ def make(kind: str, model: Model, *, k: int, layers: int | None = None, ids=None
     if not 1 <= n < c.n_layers:
       raise ValueError(f"distill needs 1 <= layers < {c.n_layers} (the target's depth), got {n}")
     return DistillObjective(c, dataclasses.replace(c, n_layers=n), **opts)
-  raise ValueError(f"unknown drafter kind {kind!r}: expected 'eagle', 'medusa' or 'distill'")
+  raise ValueError(f"unknown drafter kind {kind!r}: expected 'eagle', 'medusa', 'hydra' or "
+                   f"'distill'")

@@ -140,7 +140,7 @@ def held_out_tau(obj, model: Model, params, prompts, *, k: int, max_new_tokens: 
 
 # ------------------------------------------------------------------------------------ train
 
-KINDS = ("eagle", "medusa", "distill")
+KINDS = ("eagle", "medusa", "hydra", "distill")
 # train_drafter's arguments that `jaxspec train-drafter` sets, by their command-line flags: the
 # command prints errors about them with the flag (`--batch-size`, not `batch_size`).
 FLAGS = {"kind": "--kind", "out_dir": "--out", "steps": "--steps", "data": "--data", "k": "--k",
@@ -163,8 +163,8 @@ def _check_arguments(model: Model, a: dict) -> None:
   if not isinstance(model, Model):
     raise TypeError(f"model must be a jaxspec Model, got {type(model).__name__}")
   if a["kind"] not in KINDS:
-    raise ValueError(f"unknown drafter kind {a['kind']!r}: expected 'eagle', 'medusa' or "
-                     f"'distill'")
+    raise ValueError(f"unknown drafter kind {a['kind']!r}: expected 'eagle', 'medusa', "
+                     f"'hydra' or 'distill'")
   ints = {"steps": 1, "batch_size": 1, "seq_len": 2, "samples_per_prompt": 1, "eval_tokens": 1,
           "eval_prompts": 0}
   optional_ints = {"eval_every": 0, "layers": 1, "warmup": 0, "num_prompts": 1, "save_every": 1,
@@ -248,7 +248,8 @@ def train_drafter(model: Model, *, kind: str = "eagle", out_dir: str, steps: int
 
   Args:
     kind: "eagle" (feature drafter, returns an `EagleHead`), "medusa" (k heads, returns
-      `MedusaHeads`) or "distill" (a small draft model from the target's first `layers`
+      `MedusaHeads`), "hydra" (k heads, each reading the token drafted before it, returns
+      `HydraHeads`) or "distill" (a small draft model from the target's first `layers`
       layers, returns a `jaxspec.Model` for `drafters.DraftModel`).
     out_dir: holds the data cache (data/), Orbax training checkpoints (state/), the run's
       settings and loss/tau history, and the trained drafter (drafter/).
@@ -264,7 +265,7 @@ def train_drafter(model: Model, *, kind: str = "eagle", out_dir: str, steps: int
       sample of each prompt is greedy, the others sampled at `temperature`).
     eval_prompts, eval_tokens: the held-out set for tau.
     callback: called as callback(step, metrics) after every step.
-    draft_vocab: eagle / medusa: read out over the N target tokens most frequent in the
+    draft_vocab: eagle / medusa / hydra: read out over the N target tokens most frequent in the
       training data (FR-Spec; `jaxspec.drafters.vocab`) instead of all V: each draft step's
       head and each training step's softmax cost N/V of the full ones. Lossless; None keeps
       the full vocabulary.
