@@ -48,6 +48,10 @@ def test_id_map_is_exact(stories, plain):
   full, covered = run(None), run(used + [v - 1])
   assert covered.tokens == plain and full.tokens == plain
   assert covered.stats.mean_accepted == full.stats.mean_accepted > 3.5
+  # vocab=n counts the built-in prompts: half of stories260K's ids keep nearly all acceptance
+  # (its lowest 256 ids, byte-fallback tokens, kept none)
+  assert run(256).stats.mean_accepted >= 0.9 * full.stats.mean_accepted
+  assert run(list(vocab.leading(256, v))).stats.mean_accepted == 1.0
   unused = [t for t in range(v) if t not in set(used)]
   miss = run(unused)
   assert miss.tokens == plain
@@ -124,6 +128,12 @@ def test_vocab_helpers(stories):
   most = sorted(counts, key=lambda t: (-counts[t], t))[:4]  # ties: lower id first
   assert set(most) <= set(top.tolist()) and set(tok.eos_ids) <= set(top.tolist())
   assert list(top) == sorted(top)
+  # vocab=n: the built-in prompt set's most frequent ids (eos always in)
+  ids = vocab.resolve(64, stories.config, tok)
+  from jaxspec import prompts
+  counts = vocab.count(tok, prompts.training_prompts())
+  top = sorted(counts, key=lambda t: (-counts[t], t))[:60]
+  assert len(ids) == 64 and set(top) <= set(ids.tolist()) and set(tok.eos_ids) <= set(ids.tolist())
   assert vocab.resolve(None, stories.config, tok) is None
   assert vocab.resolve(v, stories.config, tok) is None  # the whole vocabulary: no reduction
 

@@ -135,9 +135,10 @@ class DraftModel(Drafter):
       position whose draft top-1 probability is below this; its remaining slots are left empty
       (never accepted; lossless) and draft forwards are skipped once every row has stopped.
     vocab: a reduced draft vocabulary (`jaxspec.drafters.vocab`): None drafts over every token;
-      an integer n over the end-of-sequence ids and the lowest ids, n in all (merge / score
-      order); a sequence of token ids over exactly those (e.g. `vocab.frequent(tokenizer,
-      texts, n)`). The draft's head then multiplies by n rows instead of V; lossless.
+      an integer n over the end-of-sequence ids and the ids most frequent in jaxspec's built-in
+      prompt set, n in all (`vocab.builtin`); a sequence of token ids over exactly those (e.g.
+      `vocab.frequent(tokenizer, texts, n)` over text like yours). The draft's head then
+      multiplies by n rows instead of V; lossless.
   """
 
   draft_model: Model

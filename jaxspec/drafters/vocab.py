@@ -12,10 +12,11 @@ distribution q is zero outside the set, which rejection sampling handles (the re
 max(0, p - q) keeps those tokens' full target mass).
 
 Which ids: `frequent(tokenizer, texts, n)` counts the target tokenizer's ids over text the user
-has (FR-Spec counts a pretraining corpus; the training data of a head works too);
-`leading(n, tokenizer)` takes the first n ids, which byte-level BPE (GPT-2, Llama 3, Qwen) and
-SentencePiece vocabularies order by merge rank or score, i.e. roughly by frequency in the
-tokenizer's own training corpus. Both always keep the end-of-sequence ids.
+has (FR-Spec counts a pretraining corpus; a trained head uses its training data); `builtin`
+(what `vocab=n` means) counts jaxspec's built-in prompt set, then fills up with the lowest ids;
+`leading(n, ...)` takes the lowest ids only (byte-level BPE orders ids by merge rank, but
+SentencePiece vocabularies start with hundreds of byte-fallback tokens: stories260K's first 256
+ids drafted nothing). All keep the end-of-sequence ids.
 """
 
 from __future__ import annotations
@@ -97,15 +98,23 @@ def frequent(tokenizer, texts: Iterable[str] | Counter, n: int) -> np.ndarray:
   return ranked(counts, n, tokenizer.vocab_size, tokenizer.eos_ids)
 
 
+def builtin(tokenizer, n: int) -> np.ndarray:
+  """`frequent` over jaxspec's built-in prompt set (the Spec-Bench questions that `jaxspec
+  bench` does not use: 450 prompts of chat, translation, summarization, QA, math and RAG)."""
+  from jaxspec import prompts
+  return frequent(tokenizer, prompts.training_prompts(), n)
+
+
 def resolve(vocab, config: ModelConfig, tokenizer) -> np.ndarray | None:
   """A drafter's `vocab=` argument -> sorted target ids, or None (the full vocabulary):
-  an int n is `leading(n)`; a sequence is taken as given."""
+  an int n is `builtin(tokenizer, n)` (`leading(n)` for a model without a tokenizer); a
+  sequence is taken as given."""
   if vocab is None:
     return None
   v = config.vocab_size
   if isinstance(vocab, (int, np.integer)) and not isinstance(vocab, bool):
-    eos = tokenizer.eos_ids if tokenizer is not None else ()
-    ids = leading(vocab, v, eos)
+    _check_n(vocab, v)
+    ids = leading(vocab, v) if tokenizer is None else builtin(tokenizer, int(vocab))
   else:
     if isinstance(vocab, (str, bytes, bool, float)):
       raise TypeError(f"vocab must be None, an integer size or a sequence of token ids, got "
