@@ -88,3 +88,30 @@ def tiny_model(seed=0, **kw):
   cfg = tiny_config(**kw)
   params = init_params(cfg, jax.random.key(seed), jnp.float32, scale=0.5)
   return Model(cfg, params, ByteTokenizer(vocab=cfg.vocab_size), name=f"tiny{seed}")
+
+
+def chisquare_p(samples, law) -> float:
+  """p-value of integer samples against a law over their values (cells expecting fewer than 5
+  samples pooled into one)."""
+  import numpy as np
+  import scipy.stats as sstats
+  samples = np.asarray(samples)
+  law = np.asarray(law, np.float64)
+  counts = np.bincount(samples, minlength=law.shape[0])
+  exp = law / law.sum() * samples.size
+  keep = exp >= 5
+  obs = np.append(counts[keep], counts[~keep].sum())
+  exp = np.append(exp[keep], exp[~keep].sum())
+  return sstats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
+
+
+def next_token_laws(model, prompt):
+  """(p1 [V], p2 [V, V], law2 [V]): the target's distribution of the first new token, of the
+  second given the first, and the second's marginal."""
+  import numpy as np
+  import jaxspec
+  v = model.config.vocab_size
+  p1 = np.asarray(jax.nn.softmax(jaxspec.logits(model, [prompt])[0, -1]), np.float64)
+  p2 = np.asarray(jax.nn.softmax(jaxspec.logits(model, [prompt + [t] for t in range(v)])[:, -1],
+                                 axis=-1), np.float64)
+  return p1, p2, p1 @ p2

@@ -8,13 +8,12 @@ from collections import Counter
 import jax
 import numpy as np
 import pytest
-import scipy.stats as sstats
 
 import jaxspec
 from jaxspec import drafters, trees
 from jaxspec.drafters import vocab
 
-from conftest import tiny_model, truncated
+from conftest import chisquare_p, next_token_laws, tiny_model, truncated
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -64,26 +63,15 @@ def test_reduced_vocab_sampling_is_exact(ids):
   token follows the target's marginal although the draft can propose only some tokens (the
   residual max(0, p - q) must carry the rest of the mass)."""
   model = tiny_model(seed=3, max_seq_len=64)
-  v = model.config.vocab_size
   prompt = [5, 9, 2]
-  p1 = np.asarray(jax.nn.softmax(jaxspec.logits(model, [prompt])[0, -1]), np.float64)
-  p2 = np.asarray(jax.nn.softmax(jaxspec.logits(model, [prompt + [t] for t in range(v)])[:, -1],
-                                 axis=-1), np.float64)
-  law = p1 @ p2
-  law /= law.sum()
+  p1, _, law = next_token_laws(model, prompt)
   # "few": the 8 tokens the target likes most at step 1 are left OUT of the draft vocabulary
   voc = (sorted(np.argsort(-p1)[8:24].tolist()) if ids == "few" else 16)
   d = drafters.DraftModel(truncated(model, 1), k=2, vocab=voc)
   rows = 8192
   out = jaxspec.generate(model, [prompt] * rows, drafter=d, max_new_tokens=2, stop_tokens=(),
                          temperature=1.0, seed=11, speculate="always")
-  second = np.array([t[1] for t in out.tokens])
-  counts = np.bincount(second, minlength=v)
-  exp = law * rows
-  keep = exp >= 5
-  obs = np.append(counts[keep], counts[~keep].sum())
-  exp = np.append(exp[keep], exp[~keep].sum())
-  assert sstats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue > 1e-4
+  assert chisquare_p([t[1] for t in out.tokens], law) > 1e-4
 
 
 def test_reduced_vocab_medusa_sampling_is_exact():
@@ -92,13 +80,8 @@ def test_reduced_vocab_medusa_sampling_is_exact():
   reduced head), temperature 1, 8192 rows, every round speculative."""
   from jaxspec.drafters import medusa
   model = tiny_model(seed=3, max_seq_len=64)
-  v = model.config.vocab_size
   prompt = [5, 9, 2]
-  p1 = np.asarray(jax.nn.softmax(jaxspec.logits(model, [prompt])[0, -1]), np.float64)
-  p2 = np.asarray(jax.nn.softmax(jaxspec.logits(model, [prompt + [t] for t in range(v)])[:, -1],
-                                 axis=-1), np.float64)
-  law = p1 @ p2
-  law /= law.sum()
+  p1, _, law = next_token_laws(model, prompt)
   ids = np.sort(np.argsort(-p1)[4:20]).astype(np.int32)
   cfg = medusa.MedusaConfig(model.config, n_heads=2, draft_vocab=len(ids))
   params = dict(medusa.init_params(cfg), vocab_ids=ids)
@@ -107,12 +90,7 @@ def test_reduced_vocab_medusa_sampling_is_exact():
   out = jaxspec.generate(model, [prompt] * rows, drafter=d, max_new_tokens=2, stop_tokens=(),
                          temperature=1.0, seed=5, speculate="always")
   assert sum(sum(h[1:]) for h in out.stats.accepted) > 0  # reduced-set drafts were accepted
-  counts = np.bincount(np.array([t[1] for t in out.tokens]), minlength=v)
-  exp = law * rows
-  keep = exp >= 5
-  obs = np.append(counts[keep], counts[~keep].sum())
-  exp = np.append(exp[keep], exp[~keep].sum())
-  assert sstats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue > 1e-4
+  assert chisquare_p([t[1] for t in out.tokens], law) > 1e-4
 
 
 def test_vocab_helpers(stories):

@@ -7,12 +7,11 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from scipy import stats as sstats
 
 import jaxspec
 from jaxspec import drafters, engine, policy, session, trees
 from jaxspec.drafters import eagle, medusa
-from conftest import tiny_model, truncated
+from conftest import chisquare_p, next_token_laws, tiny_model, truncated
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -137,19 +136,8 @@ def test_switch_sampling_is_exact(ratio):
   tokens, n_plain, n_spec, _ = _run(model, d, ratio, prompts=[prompt] * rows, n_new=2,
                                     temperature=1.0, seed=11)
   assert (n_plain > 0) == (ratio > 1) and (n_spec > 0) == (ratio < 1)
-  second = np.array([t[1] for t in tokens])
-  v = model.config.vocab_size
-  p1 = np.asarray(jax.nn.softmax(jaxspec.logits(model, [prompt])[0, -1]), np.float64)
-  p2 = np.asarray(jax.nn.softmax(jaxspec.logits(model, [prompt + [t] for t in range(v)])[:, -1],
-                                 axis=-1), np.float64)
-  law = p1 @ p2
-  law /= law.sum()
-  counts = np.bincount(second, minlength=v)
-  exp = law * rows
-  keep = exp >= 5
-  obs = np.append(counts[keep], counts[~keep].sum())
-  exp = np.append(exp[keep], exp[~keep].sum())
-  assert sstats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue > 1e-4
+  _, _, law = next_token_laws(model, prompt)
+  assert chisquare_p([t[1] for t in tokens], law) > 1e-4
 
 
 @pytest.mark.parametrize("name", ["ngram", "early-exit"])

@@ -23,18 +23,19 @@ after each verify pass.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from jaxspec import sampling
-from jaxspec.models import Model, ModelConfig
+from jaxspec.models import ModelConfig
 
 from . import registry, vocab
-from .base import Accepted, Drafter, DrafterSpec, Prefill, Proposal, Round, last_tokens, pick
+from .base import Accepted, DrafterSpec, Prefill, Proposal, Round, last_tokens, pick
 from .chain import draft_chain
 from .head import Head
-from .medusa import blocks
+from .medusa import Medusa, blocks
 from .tree_draft import grow
 
 KIND = "hydra"
@@ -154,7 +155,7 @@ class HydraHeads(Head):
 @registry.register("hydra", usage="hydra:CKPT",
                    help="trained Hydra heads (jaxspec train-drafter --kind hydra)")
 @dataclasses.dataclass(frozen=True, eq=False)
-class Hydra(Drafter):
+class Hydra(Medusa):
   """Drafts k tokens with trained Hydra heads, each reading the token drafted before it.
 
   Args:
@@ -165,33 +166,8 @@ class Hydra(Drafter):
       of heads.
   """
 
-  heads: object
-  k: int = 4
-  tree: object = None
-
-  def check(self):
-    h = HydraHeads.resolve(self.heads)
-    object.__setattr__(self, "heads", h)
-    if isinstance(h.config, HydraConfig):
-      if self.tree is None and self.k > h.config.n_heads:
-        raise ValueError(f"Hydra k={self.k} needs at least k heads; these have "
-                         f"{h.config.n_heads} (train with k={self.k} or use a smaller k)")
-      if self.tree is not None and self.tree.max_depth > h.config.n_heads:
-        raise ValueError(f"a Hydra tree of depth {self.tree.max_depth} needs as many heads; "
-                         f"these have {h.config.n_heads}")
-
-  def bind(self, target: Model):
-    h = self.heads
-    if not isinstance(h.config, HydraConfig):
-      raise ValueError(f"Hydra heads {h.name!r} have no usable config ({h.config!r})")
-    h.check_target("Hydra", target)
-    h.check_shapes(param_shapes_hydra(h.config))
-    params = vocab.bind_head(h.params, target)
-    return HydraSpec(k=self.k, target=target.config, head=h.config, tree=self.tree), params
-
-  @classmethod
-  def from_cli(cls, arg: str, k: int, tree: int | None) -> "Hydra":
-    if not arg:
-      raise ValueError("--drafter hydra needs a checkpoint, e.g. hydra:runs/hydra (made by "
-                       "jaxspec train-drafter --kind hydra)")
-    return cls(arg, k=k, tree=registry.dynamic_tree(tree, k))
+  LABEL: ClassVar[str] = "Hydra"
+  HEADS: ClassVar[type] = HydraHeads
+  CONFIG: ClassVar[type] = HydraConfig
+  SPEC: ClassVar[type] = HydraSpec
+  SHAPES: ClassVar[Callable] = staticmethod(param_shapes_hydra)

@@ -22,6 +22,7 @@ the root's children), so a `trees.Static` tree is Medusa's cartesian top-k-per-h
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -154,29 +155,40 @@ class Medusa(Drafter):
   k: int = 4
   tree: object = None
 
+  # What a family of k heads over the target's feature is made of (Hydra overrides these).
+  LABEL: ClassVar[str] = "Medusa"
+  HEADS: ClassVar[type] = None  # set below: MedusaHeads
+  CONFIG: ClassVar[type] = MedusaConfig
+  SPEC: ClassVar[type] = MedusaSpec
+  SHAPES: ClassVar[Callable] = staticmethod(param_shapes_medusa)
+
   def check(self):
-    h = MedusaHeads.resolve(self.heads)
+    h = self.HEADS.resolve(self.heads)
     object.__setattr__(self, "heads", h)
-    if isinstance(h.config, MedusaConfig):
+    if isinstance(h.config, self.CONFIG):
       if self.tree is None and self.k > h.config.n_heads:
-        raise ValueError(f"Medusa k={self.k} needs at least k heads; these have "
+        raise ValueError(f"{self.LABEL} k={self.k} needs at least k heads; these have "
                          f"{h.config.n_heads} (train with k={self.k} or use a smaller k)")
       if self.tree is not None and self.tree.max_depth > h.config.n_heads:
-        raise ValueError(f"a Medusa tree of depth {self.tree.max_depth} needs as many heads; "
-                         f"these have {h.config.n_heads}")
+        raise ValueError(f"a {self.LABEL} tree of depth {self.tree.max_depth} needs as many "
+                         f"heads; these have {h.config.n_heads}")
 
   def bind(self, target: Model):
     h = self.heads
-    if not isinstance(h.config, MedusaConfig):
-      raise ValueError(f"Medusa heads {h.name!r} have no usable config ({h.config!r})")
-    h.check_target("Medusa", target)
-    h.check_shapes(param_shapes_medusa(h.config))
+    if not isinstance(h.config, self.CONFIG):
+      raise ValueError(f"{self.LABEL} heads {h.name!r} have no usable config ({h.config!r})")
+    h.check_target(self.LABEL, target)
+    h.check_shapes(self.SHAPES(h.config))
     params = vocab.bind_head(h.params, target)
-    return MedusaSpec(k=self.k, target=target.config, head=h.config, tree=self.tree), params
+    return self.SPEC(k=self.k, target=target.config, head=h.config, tree=self.tree), params
 
   @classmethod
   def from_cli(cls, arg: str, k: int, tree: int | None) -> "Medusa":
+    name = cls.HEADS.KIND
     if not arg:
-      raise ValueError("--drafter medusa needs a checkpoint, e.g. medusa:runs/medusa (made by "
-                       "jaxspec train-drafter --kind medusa)")
+      raise ValueError(f"--drafter {name} needs a checkpoint, e.g. {name}:runs/{name} (made by "
+                       f"jaxspec train-drafter --kind {name})")
     return cls(arg, k=k, tree=registry.dynamic_tree(tree, k))
+
+
+Medusa.HEADS = MedusaHeads
