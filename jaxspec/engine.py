@@ -37,6 +37,18 @@ MAX_STOP = 8  # stop-token slots per row (padded with -1)
 MODE_AUTO, MODE_PLAIN, MODE_SPECULATE = 0, 1, 2
 TAU_DECAY = 0.5  # weight of the newest round in each row's running tau
 PROBE_GAP, MAX_PROBE_GAP = 8, 64  # plain rounds between probes of speculation (doubling)
+PROBE_BUDGET = 0.05  # failed probes may cost at most this share of the plain rounds between them
+
+
+def probe_gaps(ratio: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(first, longest) gap between probes. A failed probe costs ratio - 1 plain rounds more than
+  a plain round, so an expensive drafter probes less often: the first gap is at least
+  (ratio - 1) / PROBE_BUDGET (8 for a table drafter at ratio 1.4, 60 for a draft model at
+  ratio 4), capped at MAX_PROBE_GAP so a drafter that starts to pay is found within 64 plain
+  rounds; the gap doubles while probes fail, up to 4x the first (at least 64)."""
+  lo = jnp.clip(jnp.ceil((ratio - 1.0) / PROBE_BUDGET), PROBE_GAP, MAX_PROBE_GAP)
+  lo = lo.astype(jnp.int32)
+  return lo, jnp.maximum(MAX_PROBE_GAP, 4 * lo)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +151,7 @@ def _prefill(spec: EngineSpec, tparams, dparams, prompt, prompt_lens, live, inp:
   if spec.switch:  # start optimistic, but not so far up that a useless drafter lingers
     tau0 = jnp.minimum(spec.depth + 1.0, 2.0 * inp.ratio * (1.0 + inp.margin))
     ctl = Control(tau=jnp.full((b,), tau0, jnp.float32), streak=jnp.zeros((), jnp.int32),
-                  gap=jnp.asarray(PROBE_GAP, jnp.int32))
+                  gap=probe_gaps(inp.ratio)[0])
   return State(seq=seq, n=prompt_lens + 1, prompt_lens=prompt_lens, done=done,
                cache=out.cache.rewind(prompt_lens), dstate=dstate, key=key, stats=stats,
                ctl=ctl)
@@ -226,8 +238,8 @@ def _speculate(spec: EngineSpec, tparams, dparams, inp: Inputs, s: State, r: Rou
     tau = jnp.where(live, (1 - TAU_DECAY) * ctl.tau + TAU_DECAY * (v.n_acc + 1.0), ctl.tau)
     probe = ctl.streak >= ctl.gap
     pays = _mean_tau(s.replace(ctl=ctl.replace(tau=tau))) > inp.ratio * (1.0 + inp.margin)
-    gap = jnp.where(pays, PROBE_GAP, jnp.where(probe, jnp.minimum(2 * ctl.gap, MAX_PROBE_GAP),
-                                                ctl.gap))
+    lo, hi = probe_gaps(inp.ratio)
+    gap = jnp.where(pays, lo, jnp.where(probe, jnp.minimum(2 * ctl.gap, hi), ctl.gap))
     ctl = Control(tau=tau, streak=jnp.zeros_like(ctl.streak), gap=gap.astype(jnp.int32))
   return s.replace(seq=seq, n=n, done=done, cache=cache, dstate=dstate, stats=stats, ctl=ctl)
 

@@ -10,8 +10,9 @@ Each round the graph picks one from what it has seen (`engine.Control`):
 where `tau_ema` is each row's running mean of tokens committed per speculative round (accepted
 drafts + 1) and `ratio` the measured cost of a speculative round over a plain one. While the
 loop decodes plainly it still probes speculation now and then (every 8 plain rounds, the gap
-doubling up to 64 while probes keep failing), so a drafter that starts to pay again is picked
-up. Both branches are exact, so the output is lossless whatever the graph picks.
+doubling up to 64 while probes keep failing; an expensive drafter's gaps are longer, so that
+failed probes cost at most 5% of the plain rounds: `engine.probe_gaps`), so a drafter that
+starts to pay again is picked up. Both branches are exact, so the output is lossless whatever the graph picks.
 
 `ratio` is measured once per model, drafter, shapes, mesh and sampling mode, by timing a few
 rounds of the real compiled program forced to each branch (the mode is a traced input, so

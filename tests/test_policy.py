@@ -5,6 +5,7 @@ decoding when the drafter does not pay."""
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -17,6 +18,7 @@ pytestmark = pytest.mark.usefixtures("fast_compile")
 
 PROMPTS = ["Once upon a time", "The little bird", "One day, Lily went"]
 N_NEW = 40
+N_LONG = 96  # room for probes after 64 plain rounds (the longest first gap)
 
 
 def _run(model, drafter, ratio, prompts=PROMPTS, n_new=N_NEW, **kw):
@@ -46,6 +48,11 @@ def plain(stories):
   return jaxspec.generate(stories, PROMPTS, max_new_tokens=N_NEW, stop_tokens=()).tokens
 
 
+@pytest.fixture(scope="module")
+def plain_long(stories):
+  return jaxspec.generate(stories, PROMPTS, max_new_tokens=N_LONG, stop_tokens=()).tokens
+
+
 def _drafters(stories):
   head, heads = _heads(stories.config)
   small = truncated(stories, 4)
@@ -64,23 +71,24 @@ def _drafters(stories):
 
 @pytest.mark.parametrize("name", ["ngram", "ngram-tree", "early-exit-tree", "draft",
                                   "draft-tree", "recycling", "eagle", "medusa"])
-def test_switch_is_lossless_for_every_drafter(stories, plain, name):
+def test_switch_is_lossless_for_every_drafter(stories, plain, plain_long, name):
   """ratio 100: speculation never pays, so rounds are plain with speculative probes now and then
-  (the drafter's state must follow the plain rounds); ratio 0.5: every round speculates."""
+  (the drafter's state must follow the plain rounds; at ratio 100 the first probe comes after
+  64 plain rounds, hence the longer output); ratio 0.5: every round speculates."""
   d = _drafters(stories)[name]
-  tokens, n_plain, n_spec, hist = _run(stories, d, ratio=100.0)
-  assert tokens == plain
+  tokens, n_plain, n_spec, hist = _run(stories, d, ratio=100.0, n_new=N_LONG)
+  assert tokens == plain_long
   assert n_plain > 0 and n_spec > 0  # both branches ran, interleaved
   tokens, n_plain, _, _ = _run(stories, d, ratio=0.5)
   assert tokens == plain and n_plain == 0
 
 
-def test_drafter_state_follows_plain_rounds(stories, plain):
+def test_drafter_state_follows_plain_rounds(stories, plain, plain_long):
   """A draft model equal to the target accepts every draft; after plain streaks (its cache fed
   by commit_plain) its probes still do. A stale draft cache would draft from a wrong context."""
   d = drafters.DraftModel(truncated(stories, stories.config.n_layers), k=4)
   _, _, _, hist_spec = _run(stories, d, ratio=0.5)
-  _, n_plain, n_spec, hist_mixed = _run(stories, d, ratio=100.0)
+  _, n_plain, n_spec, hist_mixed = _run(stories, d, ratio=100.0, n_new=N_LONG)
   mean = lambda h: float((h.sum(0) * np.arange(h.shape[1])).sum() / max(1, h.sum()))
   assert n_plain > n_spec
   assert mean(hist_mixed) >= 0.9 * mean(hist_spec) > 3.5
@@ -101,12 +109,37 @@ def test_always_wrong_drafter_settles_on_plain(stories, plain):
   # the loop stops speculating after j rounds, 1 + 4 / 2**j <= ratio * (1 + margin): j <= 7
   # for any ratio >= 1 (2 at a typical CPU ratio of 1.9); then probes at gaps 8, 16, ...
   j = next(j for j in range(64) if 1 + 4 / 2 ** j <= ratio * (1 + policy.MARGIN))
-  probes = sum(1 for g in (8, 16, 32) if j + g <= N_NEW)
+  probes = sum(1 for g in (8, 16, 32) if j + g <= N_NEW)  # gaps are never shorter than these
   assert n_spec <= min(j, 7) + probes, (ratio, out.stats.rounds_by_tokens)
   # A drafter that is always right keeps speculating (given a ratio it beats).
   good = drafters.Oracle([t + [0] * 8 for t in plain], k=4)
   _, n_plain, n_spec, _ = _run(stories, good, ratio=2.0)
   assert n_plain == 0 and n_spec > 0
+
+
+@pytest.mark.parametrize("ratio", [1.2, 2.0, 4.0])
+def test_probe_gaps_follow_the_cost_of_a_failed_probe(stories, plain, ratio):
+  """With a given cost ratio, an always-wrong drafter runs exactly the speculative rounds the
+  switch's rule predicts: the optimistic start, then probes at gaps that start at
+  max(8, (ratio - 1) / 5%) and double while probes fail (a draft model at ratio 4 waits 60
+  plain rounds before its first probe, a table drafter 8)."""
+  bad = drafters.Oracle([t + [0] * 8 for t in plain], k=4, correct=0)
+  tokens, n_plain, n_spec, _ = _run(stories, bad, ratio=ratio)
+  assert tokens == plain
+  lo, hi = (int(x) for x in engine.probe_gaps(jnp.float32(ratio)))
+  assert lo == min(64, max(8, int(np.ceil((ratio - 1) / engine.PROBE_BUDGET))))
+  bar = ratio * (1 + policy.MARGIN)
+  tau, gap, streak, want = min(5.0, 2 * bar), lo, 0, 0
+  for _ in range(N_NEW - 1):  # the first token comes from the prefill
+    if tau > bar or streak >= gap:
+      probe = streak >= gap
+      want += 1
+      tau = (1 - engine.TAU_DECAY) * tau + engine.TAU_DECAY * 1.0
+      gap = lo if tau > bar else (min(2 * gap, hi) if probe else gap)
+      streak = 0
+    else:
+      streak += 1
+  assert n_spec == want and n_plain == N_NEW - 1 - want
 
 
 def test_switch_compiles_once_and_calibrates_once(stories):

@@ -16,7 +16,9 @@ from .chain import draft_chain
 from .tree_draft import grow
 
 
-CATCH_UP = 8  # tokens per draft forward when the draft catches up after plain rounds
+CATCH_UP = (64, 8)  # tokens per draft forward when the draft catches up after plain rounds:
+# 64 at a time while a row is that far behind (a wide forward costs far less per token on CPU),
+# then 8
 
 
 @struct.dataclass
@@ -57,23 +59,26 @@ class DraftModelSpec(DrafterSpec):
     return DraftState(cache=cache, valid=p.prompt_lens.astype(jnp.int32), node_slot=node_slot)
 
   def _catch_up(self, params, st: DraftState, r: Round) -> KVCache:
-    """Feeds the committed tokens the draft missed (plain rounds do not run it) in chunks of
-    CATCH_UP, until every row's cache holds seq[:n - 2]. Chunks may run past n - 2 into slots
-    that the root and the drafts overwrite before anything attends to them."""
+    """Feeds the committed tokens the draft missed (plain rounds do not run it) in chunks
+    (`CATCH_UP`), until every row's cache holds seq[:n - 2]. Chunks may run past n - 2 into
+    slots that the root and the drafts overwrite before anything attends to them."""
     goal = r.n - 2  # [B]
+    carry = (st.cache, jnp.minimum(st.valid, goal))
+    for i, c in enumerate(CATCH_UP):
+      last = i == len(CATCH_UP) - 1
 
-    def cond(c):
-      return jnp.any(c[1] < goal)
+      def cond(x, c=c, last=last):  # the last size runs until every row is done
+        return jnp.any(x[1] < goal) if last else jnp.any(x[1] + c <= goal)
 
-    def body(c):
-      cache, start = c
-      toks = last_tokens(r.seq, start + CATCH_UP, CATCH_UP)  # [B, C] = seq[start : start + C]
-      cache = forward(params["model"], self.draft, toks, cache.rewind(start),
-                      logits=False).cache
-      return cache, jnp.minimum(start + CATCH_UP, goal)
+      def body(x, c=c):
+        cache, start = x
+        toks = last_tokens(r.seq, start + c, c)  # [B, c] = seq[start : start + c]
+        cache = forward(params["model"], self.draft, toks, cache.rewind(start),
+                        logits=False).cache
+        return cache, jnp.minimum(start + c, goal)
 
-    cache, _ = jax.lax.while_loop(cond, body, (st.cache, jnp.minimum(st.valid, goal)))
-    return cache
+      carry = jax.lax.while_loop(cond, body, carry)
+    return carry[0]
 
   def _root(self, params, cache: KVCache, r: Round):
     # The draft cache holds seq[:n - 2] (after a fully accepted round the final draft token was
