@@ -21,6 +21,7 @@ ids drafted nothing). All keep the end-of-sequence ids.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
@@ -29,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxspec.models import ModelConfig, head
-from jaxspec.models import layers as nn
 
 MIN_IDS = 2  # fewer than this is not a vocabulary to draft from
 
@@ -132,11 +132,11 @@ def params(model_params, config: ModelConfig, ids: np.ndarray) -> dict:
 
 
 def sub_logits(vp: dict, config: ModelConfig, x: jax.Array) -> jax.Array:
-  """Final norm and the reduced head: x [..., D] (before the final norm) -> float32 logits
-  [..., N] over the draft vocabulary only (what training's softmax runs over)."""
-  h = nn.rms_norm(x, vp["final_norm"], config.norm_eps, config.norm_plus_one)
-  sub = jnp.einsum("...D,ND->...N", h, vp["w"], preferred_element_type=jnp.float32)
-  return nn.softcap(sub, config.final_softcap)
+  """The model's own final norm and head with the N kept rows as a tied matrix: x [B, T, D]
+  (before the final norm) -> float32 logits [B, T, N] over the draft vocabulary only (what
+  training's softmax runs over)."""
+  rows = {"final_norm": vp["final_norm"], "embed": vp["w"]}
+  return head(rows, dataclasses.replace(config, tied_embeddings=True), x)
 
 
 def scatter(vp: dict, config: ModelConfig, sub: jax.Array) -> jax.Array:
@@ -146,13 +146,13 @@ def scatter(vp: dict, config: ModelConfig, sub: jax.Array) -> jax.Array:
 
 
 def logits(vp: dict, config: ModelConfig, x: jax.Array) -> jax.Array:
-  """x [..., D] (before the final norm) -> float32 logits [..., V] over the full vocabulary,
+  """x [B, T, D] (before the final norm) -> float32 logits [B, T, V] over the full vocabulary,
   -inf outside the draft vocabulary."""
   return scatter(vp, config, sub_logits(vp, config, x))
 
 
 def read_out(vp: dict | None, tparams, config: ModelConfig, x: jax.Array) -> jax.Array:
-  """A trained head's readout of features x [..., D]: the target's own head (vp None) or the
+  """A trained head's readout of features x [B, T, D]: the target's own head (vp None) or the
   reduced one (`params(...)` of the head's ids)."""
   return head(tparams, config, x) if vp is None else logits(vp, config, x)
 

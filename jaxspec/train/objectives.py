@@ -53,13 +53,14 @@ class _Readout:
   def _ids(self):
     return None if self.ids is None else jnp.asarray(np.asarray(self.ids, np.int32))
 
-  def _draft_logits(self, tparams, x):
-    """(draft logits [..., V] or [..., N], ids [N] or None)."""
+  def _draft_readout(self, tparams):
+    """(readout: features [B, T, D] -> draft logits [B, T, V] or [B, T, N], ids [N] or None);
+    the reduced head's rows are gathered once per loss, not once per head."""
     if self.ids is None:
-      return head(tparams, self.target, x), None
+      return (lambda x: head(tparams, self.target, x)), None
     ids = self._ids()
     vp = vocab.params(tparams, self.target, ids)
-    return vocab.sub_logits(vp, self.target, x), ids
+    return (lambda x: vocab.sub_logits(vp, self.target, x)), ids
 
   def _with_ids(self, params) -> dict:
     """Trained params as saved: the draft vocabulary's ids go along (`vocab_ids`)."""
@@ -102,7 +103,8 @@ class EagleObjective(_Readout):
     g = g.astype(jnp.float32)
     mask = (jnp.arange(t - 1)[None, :] + 1) < lens[:, None]  # f_{t+1} exists
     tl = jax.lax.stop_gradient(head(tparams, self.target, f_out))
-    dl, ids = self._draft_logits(tparams, g)
+    readout, ids = self._draft_readout(tparams)
+    dl = readout(g)
     err = g - f_out
     if self.feature_norm:
       ms = _masked_mean(jnp.mean(f_out * f_out, axis=-1), mask)
@@ -139,11 +141,12 @@ class MedusaObjective(_Readout):
     x = self._features(params, tparams, feats, tokens)  # [B, T, H, D]
     pos = jnp.arange(t)[None, :]
     total, weights, metrics = 0.0, 0.0, {}
+    readout, ids = self._draft_readout(tparams)
     for i in range(self.head.n_heads):
       # Head i at position t predicts x_{t+2+i}, whose target distribution sits at t+1+i.
       tgt = jnp.roll(tl, -(i + 1), axis=1)
       mask = pos + 1 + i < lens[:, None]
-      dl, ids = self._draft_logits(tparams, x[:, :, i])
+      dl = readout(x[:, :, i])
       ce = _masked_mean(_soft_ce(tgt, dl, ids), mask)
       total += self.decay ** i * ce
       weights += self.decay ** i
