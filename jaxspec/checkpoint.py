@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxspec.models import layout, llama
 from jaxspec.models.finite import check_tree
@@ -191,6 +192,12 @@ def save(obj: Any, path: str | os.PathLike, *, meta: dict[str, Any] | None = Non
   info["meta"] = _encode(meta, "meta")
   json.dumps(info)  # fail before writing anything
 
+  if jax.process_count() > 1:
+    # A multi-host job: a process-local array (a copy every process holds) is saved as host
+    # data, by the primary process; arrays over the global mesh are saved shard by shard.
+    params = jax.tree.map(
+        lambda x: np.asarray(x) if isinstance(x, jax.Array) and x.is_fully_addressable else x,
+        params)
   _prepare_dir(path, overwrite)
   ckpt = ocp.StandardCheckpointer()
   ckpt.save(os.path.join(path, PARAMS_DIR), params, force=overwrite)

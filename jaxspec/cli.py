@@ -43,8 +43,11 @@ TRAIN_EXAMPLES = """examples:
   jaxspec train-drafter --kind distill --layers 2 --out runs/small --steps 500
   jaxspec generate "Once upon a time" --drafter draft:runs/small/drafter
   jaxspec train-drafter --model path/to/hf_dir --kind eagle --data prompts.jsonl --out runs/x
+  jaxspec train-drafter --kind eagle --out runs/eagle --steps 500 --mesh 8x1 --batch-size 32
 
-A run resumes from its latest checkpoint in --out (--no-resume starts over).
+A run resumes from its latest checkpoint in --out (--no-resume starts over), on the same mesh
+or another one. On a TPU pod every host runs the same command (JAXSPEC_AUTO_DISTRIBUTED=1, or
+JAXSPEC_COORDINATOR / JAXSPEC_NUM_PROCESSES / JAXSPEC_PROCESS_ID).
 """
 
 
@@ -132,17 +135,36 @@ def cmd_run(a) -> int:
 def cmd_train_drafter(a) -> int:
   """Trains an EAGLE / Medusa / distilled drafter and prints how to use it."""
   import jaxspec
+  from jaxspec import sharding
 
+  sharding.initialize()  # a multi-host job (JAXSPEC_COORDINATOR ...); nothing on one host
+  mesh = None if a.mesh is None else _mesh(a.mesh)
   model = jaxspec.load_model(a.model)
   kw = {key: getattr(a, key) for key in ("k", "batch_size", "seq_len", "lr", "seed",
                                          "eval_every", "layers", "num_prompts",
                                          "samples_per_prompt", "draft_vocab")
         if getattr(a, key) is not None}
   jaxspec.train.train_drafter(model, kind=a.kind, out_dir=a.out, steps=a.steps, data=a.data,
-                              resume=not a.no_resume, **kw)
+                              resume=not a.no_resume, mesh=mesh, **kw)
   use = f"draft:{a.out}/drafter" if a.kind == "distill" else f"{a.kind}:{a.out}"
   print(f"drafter saved to {a.out}/drafter; use it with --drafter {use}")
   return 0
+
+
+def _mesh(text: str):
+  """`--mesh DATAxTENSOR` ("8x1", "2x4", or "--mesh=-1x4": -1 is every device the other axis
+  leaves)."""
+  from jaxspec import sharding
+
+  parts = text.lower().split("x")
+  try:
+    data, tensor = (int(p) for p in parts)
+  except ValueError:
+    raise ValueError(f"--mesh must be DATAxTENSOR, such as 8x1 or 2x4, got {text!r}") from None
+  try:
+    return sharding.make_mesh(data=data, tensor=tensor)
+  except ValueError as e:
+    raise ValueError(f"--mesh {text}: {str(e).removeprefix('make_mesh: ')}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                     ("--num-prompts", int), ("--samples-per-prompt", int),
                     ("--draft-vocab", int)):
     t.add_argument(flag, type=typ, default=None)
+  t.add_argument("--mesh", default=None, metavar="DATAxTENSOR",
+                 help="train over a device mesh, e.g. 8x1 (data parallel) or 2x4; every host "
+                      "of a multi-host job runs the same command")
   t.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
   t.set_defaults(fn=cmd_train_drafter)
   return p

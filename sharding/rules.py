@@ -145,7 +145,8 @@ def check_divisible(config, mesh: Mesh) -> None:
 
 
 def _is_shape(x) -> bool:
-  return isinstance(x, tuple) and all(isinstance(d, (int, np.integer)) for d in x)
+  """A plain tuple of ints (not a namedtuple: optax's EmptyState() is an empty one)."""
+  return type(x) is tuple and all(isinstance(d, (int, np.integer)) for d in x)
 
 
 def _shape(x) -> tuple[int, ...]:

@@ -404,7 +404,12 @@ def test_cli_train_drafter_names_flags_and_writes_nothing(tmp_path, capsys):
   for argv, match in [(["--kind", "medusa", "--k", "0"], "--k must be an integer in [1, 64]"),
                       (["--kind", "eagle", "--lr", "nan"], "--lr must be a finite number > 0"),
                       (["--kind", "eagle", "--batch-size", "0"], "--batch-size must be a positive"),
-                      (["--kind", "eagle", "--data", "/nonexistent.jsonl"], "not found")]:
+                      (["--kind", "eagle", "--data", "/nonexistent.jsonl"], "not found"),
+                      (["--kind", "eagle", "--mesh", "3x3"],
+                       "--mesh 3x3: data=3 x tensor=3 = 9 devices, but 8 are available"),
+                      (["--kind", "eagle", "--mesh", "two"], "--mesh must be DATAxTENSOR"),
+                      (["--kind", "eagle", "--mesh", "8x1", "--batch-size", "12"],
+                       "--batch-size 12 does not split over --mesh's 8 data shards")]:
     assert main(["train-drafter", "--out", str(out), "--steps", "5", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("jaxspec: error: ") and err.count("\n") == 1 and match in err, err

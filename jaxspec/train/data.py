@@ -17,6 +17,7 @@ when training, so only tokens, lengths and features are stored:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -136,19 +137,37 @@ class Dataset:
     return self.tokens.shape[0]
 
   def batch(self, seed: int, step: int, size: int):
-    """Batch `step`: a pure function of (seed, step), so a resumed run sees the same data."""
+    """Batch `step` as host arrays (tokens, lens, feats): a pure function of (seed, step), so
+    a resumed run sees the same data whatever mesh it runs on (every process of a multi-host
+    job draws the same global batch and places only its own rows)."""
     rng = np.random.default_rng([seed, step])
     idx = np.sort(rng.choice(len(self), size, replace=len(self) < size))
-    return (jnp.asarray(self.tokens[idx]), jnp.asarray(self.lens[idx]),
-            jnp.asarray(np.asarray(self.feats[idx], np.float32)))
-
-
-_hidden_jit = jax.jit(lambda params, cfg, ids: _hidden(params, cfg, ids), static_argnums=1)
+    return (np.asarray(self.tokens[idx]), np.asarray(self.lens[idx]),
+            np.asarray(self.feats[idx], np.float32))
 
 
 def _hidden(params, cfg, ids):
   from jaxspec.models import forward
   return forward(params, cfg, ids, logits=False).hidden.astype(jnp.float32)
+
+
+_hidden_jit = jax.jit(_hidden, static_argnums=1)
+
+
+def _features_fn(params, mesh):
+  """(params placed for the feature pass, fn(params, cfg, ids [B, T] host) -> [B, T, D] host).
+  On a mesh the target runs tensor parallel with its rows over "data", and the features come
+  back whole to every process."""
+  if mesh is None:
+    return params, lambda p, cfg, ids: np.asarray(_hidden_jit(p, cfg, jnp.asarray(ids)))
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from jaxspec import sharding
+  fn = jax.jit(_hidden, static_argnums=1, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+  def run(p, cfg, ids):
+    return np.asarray(fn(p, cfg, sharding.place(ids, sharding.batch_sharding(ids, mesh))))
+  return sharding.shard_params(params, mesh), run
 
 
 def _fingerprint(prompts) -> str:
@@ -159,8 +178,12 @@ def _fingerprint(prompts) -> str:
 
 
 def build(model, prompts: list[list[int]], folder: str, *, seq_len: int, samples: int,
-          temperature: float, seed: int, gen_batch: int = 32, progress: bool = True) -> Dataset:
-  """Generates (or reuses) the self-distillation set for `prompts` in `folder`."""
+          temperature: float, seed: int, gen_batch: int = 32, progress: bool = True,
+          mesh=None) -> Dataset:
+  """Generates (or reuses) the self-distillation set for `prompts` in `folder`; on `mesh`, the
+  generation and the feature pass run sharded over it. Files go in place by atomic renames of
+  per-process temporary files, so the processes of a multi-host job on one shared filesystem
+  may all write the (identical) set."""
   from jaxspec.api import generate
   from tqdm.auto import tqdm
 
@@ -176,7 +199,7 @@ def build(model, prompts: list[list[int]], folder: str, *, seq_len: int, samples
         return Dataset(np.load(files["tokens"]), np.load(files["lens"]),
                        np.load(files["feats"], mmap_mode="r"))
   os.makedirs(folder, exist_ok=True)
-  if os.path.exists(meta_file):
+  with contextlib.suppress(FileNotFoundError):  # another process may have removed it
     os.remove(meta_file)
 
   longest = max(len(p) for p in prompts)
@@ -194,7 +217,8 @@ def build(model, prompts: list[list[int]], folder: str, *, seq_len: int, samples
     temp = 0.0 if s == 0 else temperature
     padded = chunk + [chunk[0]] * (gen_batch - len(chunk))  # one batch shape: one compile
     out = generate(model, padded, max_new_tokens=max_new, temperature=temp,
-                   seed=(seed * 1000003 + s * 7919 + i) % 2**32)  # jax reduced it so
+                   seed=(seed * 1000003 + s * 7919 + i) % 2**32,  # jax reduced it so
+                   mesh=mesh)
     for p, new in zip(chunk, out.tokens):
       seq = (p + new)[:seq_len]
       tokens[row, :len(seq)] = seq
@@ -203,19 +227,23 @@ def build(model, prompts: list[list[int]], folder: str, *, seq_len: int, samples
     bar.update(len(chunk))
   bar.close()
 
-  feats = np.lib.format.open_memmap(files["feats"] + ".tmp", mode="w+", dtype=np.float32,
+  tmp = f".tmp{jax.process_index()}"
+  feats = np.lib.format.open_memmap(files["feats"] + tmp, mode="w+", dtype=np.float32,
                                     shape=(n, seq_len, c.dim))
+  params, hidden = _features_fn(model.params, mesh)
   for i in range(0, n, gen_batch):
     ids = np.zeros((gen_batch, seq_len), np.int32)
     part = tokens[i:i + gen_batch]
     ids[:len(part)] = part
-    h = np.asarray(_hidden_jit(model.params, c, jnp.asarray(ids)))
-    feats[i:i + len(part)] = h[:len(part)]
+    feats[i:i + len(part)] = hidden(params, c, ids)[:len(part)]
   feats.flush()
   del feats
-  os.replace(files["feats"] + ".tmp", files["feats"])
-  np.save(files["tokens"], tokens)
-  np.save(files["lens"], lens)
-  with open(meta_file, "w") as f:
-    json.dump(meta, f)  # written last: its presence marks a complete set
+  os.replace(files["feats"] + tmp, files["feats"])
+  for name, arr in (("tokens", tokens), ("lens", lens)):
+    with open(files[name] + tmp, "wb") as f:
+      np.save(f, arr)
+    os.replace(files[name] + tmp, files[name])
+  with open(meta_file + tmp, "w") as f:
+    json.dump(meta, f)
+  os.replace(meta_file + tmp, meta_file)  # last: its presence marks a complete set
   return Dataset(tokens, lens, np.load(files["feats"], mmap_mode="r"))

@@ -60,8 +60,7 @@ class TrainState:
   rng: jax.Array  # [2] uint32: the data/noise key (batches are a pure function of it and step)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=2)
-def _train_step(obj, hyper: Hyper, state: TrainState, tparams, tokens, lens, feats):
+def _step(obj, hyper: Hyper, state: TrainState, tparams, tokens, lens, feats):
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   (_, metrics), grads = jax.value_and_grad(obj.loss, has_aux=True)(
       state.params, tparams, tokens, lens, feats, key)
@@ -70,6 +69,57 @@ def _train_step(obj, hyper: Hyper, state: TrainState, tparams, tokens, lens, fea
   params = optax.apply_updates(state.params, updates)
   metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
   return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
+
+
+_train_step = jax.jit(_step, static_argnums=(0, 1), donate_argnums=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """Where a run's arrays live: nothing (one device, jit's default) or a ("data", "tensor")
+  mesh. On a mesh the step is data parallel (the batch's rows over "data"; XLA sums the
+  gradients across it) and tensor parallel where the weights allow (the target's head and
+  layers by `sharding.PARAM_AXES`; the drafter's weights and their optimizer moments by the
+  same names, the rest replicated)."""
+
+  mesh: Any = None
+
+  def state(self, state: TrainState):
+    return None if self.mesh is None else _sharding().param_shardings(state, self.mesh)
+
+  def target(self, tparams):
+    return None if self.mesh is None else _sharding().param_shardings(tparams, self.mesh)
+
+  def rows(self, x):
+    return None if self.mesh is None else _sharding().batch_sharding(x, self.mesh)
+
+  def replicated(self):
+    from jax.sharding import NamedSharding, PartitionSpec
+    return NamedSharding(self.mesh, PartitionSpec())
+
+  def put(self, tree, shardings):
+    return tree if self.mesh is None else _sharding().place(tree, shardings)
+
+  def step_fn(self, obj, hyper: Hyper, state: TrainState, tparams, batch):
+    """The compiled step: (state, tparams, tokens, lens, feats) -> (state, metrics)."""
+    if self.mesh is None:
+      return functools.partial(_train_step, obj, hyper)
+    st = self.state(state)
+    return jax.jit(functools.partial(_step, obj, hyper), donate_argnums=0,
+                   in_shardings=(st, self.target(tparams), *map(self.rows, batch)),
+                   out_shardings=(st, self.replicated()))
+
+  def gather(self, tree):
+    """Every leaf whole on every process (the trained drafter leaves the mesh with it)."""
+    if self.mesh is None:
+      return tree
+    full = jax.jit(lambda t: t, out_shardings=self.replicated())(tree)
+    return jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), full)
+
+
+def _sharding():
+  from jaxspec import sharding
+  return sharding
 
 
 def _init_state(obj, hyper: Hyper, model: Model, seed: int) -> TrainState:
@@ -110,9 +160,13 @@ class _Checkpoints:
     self.mngr.save(step, args=self._ocp.args.StandardSave(_flat(state)))
     self.mngr.wait_until_finished()
 
-  def restore(self, step: int, template: TrainState) -> TrainState:
+  def restore(self, step: int, template: TrainState, shardings=None) -> TrainState:
+    """`shardings` (a tree like `template`, or None): where the restored leaves go, whatever
+    mesh saved them (a run resumes on another mesh)."""
     flat = _flat(template)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), flat)
+    where = [None] * len(flat) if shardings is None else jax.tree.leaves(shardings)
+    abstract = {key: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+                for (key, x), s in zip(flat.items(), where)}
     got = self.mngr.restore(step, args=self._ocp.args.StandardRestore(abstract))
     return _unflat(template, got)
 
@@ -121,7 +175,7 @@ class _Checkpoints:
 
 
 def _write_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
+  tmp = f"{path}.tmp{jax.process_index()}"  # every process of a job may write the same file
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=1)
   os.replace(tmp, path)
@@ -130,11 +184,12 @@ def _write_json(path: str, obj) -> None:
 # ------------------------------------------------------------------------------------ eval
 
 
-def held_out_tau(obj, model: Model, params, prompts, *, k: int, max_new_tokens: int) -> float:
+def held_out_tau(obj, model: Model, params, prompts, *, k: int, max_new_tokens: int,
+                 mesh=None) -> float:
   """Greedy tau of the current drafter on held-out prompts, measured by the real engine."""
   from jaxspec.api import generate
   out = generate(model, prompts, drafter=obj.drafter(model, params, k),
-                         max_new_tokens=max_new_tokens, stop_tokens=())
+                 max_new_tokens=max_new_tokens, stop_tokens=(), mesh=mesh)
   return float(out.stats.mean_accepted)
 
 
@@ -147,7 +202,7 @@ FLAGS = {"kind": "--kind", "out_dir": "--out", "steps": "--steps", "data": "--da
          "batch_size": "--batch-size", "seq_len": "--seq-len", "lr": "--lr", "seed": "--seed",
          "eval_every": "--eval-every", "layers": "--layers", "num_prompts": "--num-prompts",
          "samples_per_prompt": "--samples-per-prompt", "model": "--model",
-         "draft_vocab": "--draft-vocab"}
+         "draft_vocab": "--draft-vocab", "mesh": "--mesh"}
 
 
 def _bad(name: str, rule: str, value) -> ValueError:
@@ -202,6 +257,21 @@ def _check_arguments(model: Model, a: dict) -> None:
     if a["kind"] == "distill":
       raise _bad("draft_vocab", "None for kind 'distill' (a distilled model drafts with "
                  "DraftModel(model, vocab=N))", a["draft_vocab"])
+  mesh = a["mesh"]
+  if mesh is not None:
+    from jax.sharding import Mesh
+    if not isinstance(mesh, Mesh) or set(mesh.axis_names) != {"data", "tensor"}:
+      raise _bad("mesh", "a ('data', 'tensor') mesh from jaxspec.sharding.make_mesh or None",
+                 mesh)
+    _sharding().check_divisible(model.config, mesh)
+    if a["batch_size"] % mesh.shape["data"]:
+      e = ValueError(f"batch_size={a['batch_size']} does not split over the mesh's "
+                     f"{mesh.shape['data']} data shards; use a multiple of "
+                     f"{mesh.shape['data']}")
+      e.cli_message = (f"--batch-size {a['batch_size']} does not split over --mesh's "
+                       f"{mesh.shape['data']} data shards; use a multiple of "
+                       f"{mesh.shape['data']}")
+      raise e
   if a["seq_len"] > model.config.max_seq_len:
     e = ValueError(f"seq_len={a['seq_len']} exceeds the model's context "
                    f"({model.config.max_seq_len})")
@@ -243,7 +313,7 @@ def train_drafter(model: Model, *, kind: str = "eagle", out_dir: str, steps: int
                   samples_per_prompt: int = 2, temperature: float = 1.0, eval_prompts: int = 8,
                   eval_tokens: int = 64, save_every: int | None = None,
                   callback: Callable[[int, dict], None] | None = None,
-                  draft_vocab: int | None = None, **objective_options):
+                  draft_vocab: int | None = None, mesh=None, **objective_options):
   """Trains a drafter for `model` by self-distillation and saves it to `out_dir/drafter`.
 
   Args:
@@ -269,6 +339,13 @@ def train_drafter(model: Model, *, kind: str = "eagle", out_dir: str, steps: int
       training data (FR-Spec; `jaxspec.drafters.vocab`) instead of all V: each draft step's
       head and each training step's softmax cost N/V of the full ones. Lossless; None keeps
       the full vocabulary.
+    mesh: a ("data", "tensor") mesh (`jaxspec.sharding.make_mesh`, every process of a
+      multi-host job passes the same one): the training set is generated and the target's
+      features computed sharded over it, and each step runs data parallel (rows of the batch
+      over "data", `batch_size` a multiple of its size) and tensor parallel (the target's head
+      and the drafter's weights that share the target's names over "tensor"). Up to float
+      summation order the losses are those of one device. Checkpoints hold whole arrays
+      (Orbax), so a run resumes on any mesh or on none. None: one device.
     objective_options: kind-specific loss settings (eagle: reg_weight, ce_weight, noise;
       medusa: decay).
   """
@@ -280,7 +357,7 @@ def train_drafter(model: Model, *, kind: str = "eagle", out_dir: str, steps: int
       layers=layers, warmup=warmup, weight_decay=weight_decay, clip=clip, num_prompts=num_prompts,
       samples_per_prompt=samples_per_prompt, temperature=temperature, eval_prompts=eval_prompts,
       eval_tokens=eval_tokens, save_every=save_every, callback=callback,
-      draft_vocab=draft_vocab))
+      draft_vocab=draft_vocab, mesh=mesh))
   steps, batch_size, seq_len, k, seed = int(steps), int(batch_size), int(seq_len), int(k), int(seed)
   objectives.make(kind, model, k=k, layers=layers, **objective_options)  # checks the options
   warmup = max(1, steps // 20) if warmup is None else warmup
@@ -320,17 +397,24 @@ def train_drafter(model: Model, *, kind: str = "eagle", out_dir: str, steps: int
   os.makedirs(out_dir, exist_ok=True)
   ds = data_lib.build(model, train_p, os.path.join(out_dir, DATA_DIR), seq_len=seq_len,
                       samples=samples_per_prompt, temperature=temperature, seed=seed,
-                      progress=progress)
+                      progress=progress, mesh=mesh)
   ids = None if draft_vocab is None else draft_ids(model, ds, int(draft_vocab))
   obj = objectives.make(kind, model, k=k, layers=layers, ids=ids, **objective_options)
   # The run starts here: only now are its settings recorded (a run that failed or was stopped
   # before this point leaves nothing that would refuse the next attempt).
-  if not resume and os.path.isdir(state_dir):
+  if not resume and os.path.isdir(state_dir) and jax.process_index() == 0:
     shutil.rmtree(state_dir)
+  if jax.process_count() > 1:  # no process saves into the folder before it is cleared
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("jaxspec train_drafter start")
   _write_json(cfg_file, settings)
 
-  # State: fresh, or the latest checkpoint.
+  # State: fresh, or the latest checkpoint; placed on the mesh, if any.
+  place = Placement(mesh)
+  tparams = place.put(model.params, place.target(model.params))
   state = _init_state(obj, hyper, model, seed)
+  state_sh = place.state(state)
+  state = place.put(state, state_sh)
   ckpts = _Checkpoints(state_dir)
   history: list[dict] = []
   hist_file = os.path.join(out_dir, HISTORY_FILE)
@@ -338,7 +422,7 @@ def train_drafter(model: Model, *, kind: str = "eagle", out_dir: str, steps: int
   if start is not None:
     if progress:
       tqdm.write(f"resuming from step {start}", file=sys.stderr)
-    state = ckpts.restore(start, state)
+    state = ckpts.restore(start, state, state_sh)
     if os.path.exists(hist_file):
       with open(hist_file) as f:
         history = [h for h in json.load(f) if h["step"] <= start]
@@ -347,7 +431,8 @@ def train_drafter(model: Model, *, kind: str = "eagle", out_dir: str, steps: int
   def evaluate():
     if not held:
       return None
-    tau = held_out_tau(obj, model, state.params, held, k=k, max_new_tokens=eval_tokens)
+    tau = held_out_tau(obj, model, state.params, held, k=k, max_new_tokens=eval_tokens,
+                       mesh=mesh)
     history.append({"step": step, "tau": tau})
     return tau
 
@@ -359,6 +444,7 @@ def train_drafter(model: Model, *, kind: str = "eagle", out_dir: str, steps: int
   bar = tqdm(total=steps, initial=step, desc=f"train {kind}", unit="step", disable=not progress)
   postfix: dict[str, str] = {}
   tau = None
+  train_step = rows = None
   # Ctrl-C in `jaxspec train-drafter` stops at the next step boundary, saves, then exits 130
   # (jaxspec.interrupt; a library caller gets KeyboardInterrupt as usual, same saving).
   with interrupt.graceful():
@@ -370,8 +456,11 @@ def train_drafter(model: Model, *, kind: str = "eagle", out_dir: str, steps: int
           bar.set_postfix(postfix)
       while step < steps:
         interrupt.check()
-        tokens, lens, feats = ds.batch(seed, step, batch_size)
-        state, metrics = _train_step(obj, hyper, state, model.params, tokens, lens, feats)
+        batch = ds.batch(seed, step, batch_size)
+        if train_step is None:
+          train_step = place.step_fn(obj, hyper, state, tparams, batch)
+          rows = tuple(place.rows(x) for x in batch)
+        state, metrics = train_step(state, tparams, *place.put(batch, rows))
         step += 1
         if callback is not None or step % 10 == 0 or step == steps or step == 1:
           m = {key: float(v) for key, v in jax.device_get(metrics).items()}
@@ -412,7 +501,7 @@ def train_drafter(model: Model, *, kind: str = "eagle", out_dir: str, steps: int
           "final_loss": losses[-1]["loss"] if losses else None,
           "tau": taus[-1]["tau"] if taus else None, "tau_k": k,
           "train_seconds": round(time.perf_counter() - t0, 1)}
-  result = obj.result(model, state.params, meta)
+  result = obj.result(model, place.gather(state.params), meta)
   from jaxspec import checkpoint
   checkpoint.save(result, os.path.join(out_dir, DRAFTER_DIR), meta=meta, overwrite=True)
   return result
