@@ -129,6 +129,13 @@ def uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return jax.vmap(lambda k: jax.random.uniform(k, shape[1:]))(key)
 
 
+def gumbel(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Standard Gumbel float32 of `shape` (per row: shape[0] == B, row b from key b)."""
+  if not per_row(key):
+    return jax.random.gumbel(key, shape)
+  return jax.vmap(lambda k: jax.random.gumbel(k, shape[1:]))(key)
+
+
 def categorical(key: jax.Array, logp: jax.Array) -> jax.Array:
   """Tokens [...] drawn from log-probabilities [..., V] (per row: leading axis B)."""
   if not per_row(key):

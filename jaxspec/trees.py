@@ -55,15 +55,30 @@ class TreeArrays:
   parents: jax.Array  # [B, N] int32; parents[:, 0] == 0 (the root is its own parent here)
   depth: jax.Array  # [B, N] int32
   valid: jax.Array  # [B, N] bool; invalid nodes are never accepted
+  # [B, N, V] or None: the draft distribution each node's children were sampled from (without
+  # replacement, in child order); None: the children are deterministic proposals.
+  probs: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Static:
-  """A fixed tree topology. `parents[0] == -1`; nodes are numbered level by level."""
+  """A fixed tree topology. `parents[0] == -1`; nodes are numbered level by level.
+
+  sampled: under temperature > 0, a drafter with a distribution draws each node's children
+  from it without replacement and verification checks them against it (recursive rejection
+  sampling, SpecInfer / RSD): a draft close to the target is accepted almost always, where
+  deterministic top candidates are accepted with the target's mass on them only. False keeps
+  the top candidates (one-hot drafts) under sampling too. Greedy decoding always uses the top
+  candidates.
+  """
 
   parents: tuple[int, ...]
+  sampled: bool = True
 
   def __post_init__(self):
+    if not isinstance(self.sampled, (bool, np.bool_)):
+      raise ValueError(f"sampled must be True or False, got {self.sampled!r}")
+    object.__setattr__(self, "sampled", bool(self.sampled))
     ps = self.parents
     if isinstance(ps, (str, bytes)) or not hasattr(ps, "__len__"):
       raise ValueError(f"parents must be a sequence of ints, got {ps!r}")
@@ -350,6 +365,19 @@ def path_to(parents: jax.Array, depth: jax.Array, node: jax.Array, max_depth: in
     out = out.at[rows, d].set(cur)
     cur = jnp.take_along_axis(parents, cur[:, None], axis=1)[:, 0]
   return out
+
+
+def sampled_candidates(key: jax.Array, logits: jax.Array, m: int, mode, sp
+                       ) -> tuple[jax.Array, jax.Array]:
+  """m tokens [B, T, m] drawn without replacement from the warped draft distribution q of
+  `logits` [B, T, V] (Gumbel top-m: the order is the order of sequential draws), and q
+  [B, T, V]. Past q's support (top-k / top-p leave fewer than m tokens) the draws are tokens
+  with q = 0, which verification skips."""
+  from jaxspec import sampling
+  logq = jax.nn.log_softmax(sampling.warp_logits(logits, mode, sp), axis=-1)
+  g = sampling.gumbel(key, logq.shape)
+  _, toks = jax.lax.top_k(jnp.where(jnp.isfinite(logq), logq + g, -jnp.inf), m)
+  return toks.astype(jnp.int32), jnp.exp(logq)
 
 
 def top_candidates(logits: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:

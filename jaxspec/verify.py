@@ -121,6 +121,62 @@ def tree_greedy(tree, target_logits: jax.Array, max_depth: int):
   return n_acc, _tree_emit(tree, path, n_acc, last), path
 
 
+def _normalise(x: jax.Array) -> jax.Array:
+  total = jnp.sum(x, axis=-1, keepdims=True)
+  return x / jnp.where(total > 0, total, 1.0)
+
+
+def _residual(r: jax.Array, q: jax.Array) -> jax.Array:
+  """What the target still needs after a draw from q was rejected: normalise(max(r - q, 0))."""
+  return _normalise(jnp.maximum(r - q, 0.0))
+
+
+def _walk(key, tree, target_logits, max_depth: int, max_children: int, mode, sp, children,
+          start, try_child):
+  """The walk both tree samplers share. From the root, the current node's children are tried
+  in order against a residual r (the target's p at the node to begin with) and a sampler
+  state s: `start(p_node [B, V], node [B]) -> (r, s)`, `try_child(r, s, x [B], has [B],
+  u [B]) -> (r, s, accepted [B])`. An accepted child becomes the current node; when every
+  child is rejected (or there are none) the token emitted is drawn from r.
+  Returns (n_acc [B], tokens [B, D+1], path [B, D+1])."""
+  from jaxspec import trees
+
+  b, n = tree.tokens.shape
+  p = sampling.probs(target_logits, mode, sp)  # [B, N, V]
+  if children is None:  # [B, N, M]; static topologies pass their table precomputed
+    children = trees.children_table(tree.parents, tree.valid, max_children)
+  else:
+    children = jnp.broadcast_to(children, (b, n, max_children))
+  rows = jnp.arange(b)
+
+  def level(d, carry):  # one depth: try the current node's children in order
+    cur, active, n_acc, last = carry
+    kd = sampling.fold_in(key, d)
+
+    def sibling(m, c):
+      r, s, accepted, nxt = c
+      child = children[rows, cur, m]
+      has = (child >= 0) & active & ~accepted
+      x = tree.tokens[rows, jnp.maximum(child, 0)]
+      r, s, acc = try_child(r, s, x, has, sampling.uniform(sampling.fold_in(kd, m), (b,)))
+      return r, s, accepted | acc, jnp.where(acc, child, nxt)
+
+    r, s = start(p[rows, cur], cur)
+    r, _, accepted, nxt = jax.lax.fori_loop(
+        0, max_children, sibling, (r, s, jnp.zeros((b,), bool), cur))
+    stop = active & ~accepted
+    r = jnp.where(jnp.sum(r, -1, keepdims=True) > 0, r, p[rows, cur])  # float-rounding guard
+    drawn = sampling.categorical_from_probs(sampling.fold_in(kd, max_children), r)
+    return (nxt, active & accepted, n_acc + (active & accepted).astype(jnp.int32),
+            jnp.where(stop, drawn, last))
+
+  init = (jnp.zeros((b,), jnp.int32), jnp.ones((b,), bool), jnp.zeros((b,), jnp.int32),
+          jnp.zeros((b,), jnp.int32))
+  cur, _, n_acc, last = jax.lax.fori_loop(0, max_depth + 1, level, init)
+  path = trees.path_to(tree.parents, tree.depth, cur, max_depth)
+  return n_acc, _tree_emit(tree, path, n_acc, last), path
+
+
 def tree_rejection(key: jax.Array, tree, target_logits: jax.Array, max_depth: int,
                    max_children: int, mode: SamplingMode, sp: SamplingParams,
                    children: jax.Array | None = None):
@@ -135,54 +191,54 @@ def tree_rejection(key: jax.Array, tree, target_logits: jax.Array, max_depth: in
   the target's distribution whatever the siblings are: duplicates are rejected for free
   (r(x) is already 0) and a fully rejected sibling set leaves the exact residual.
   """
-  from jaxspec import trees
+  rows = jnp.arange(tree.tokens.shape[0])
 
-  b, n = tree.tokens.shape
-  p = sampling.probs(target_logits, mode, sp)  # [B, N, V]
-  v = p.shape[-1]
-  if children is None:  # [B, N, M]; static topologies pass their table precomputed
-    children = trees.children_table(tree.parents, tree.valid, max_children)
-  else:
-    children = jnp.broadcast_to(children, (b, n, max_children))
-  rows = jnp.arange(b)
-  onehot = lambda x: jax.nn.one_hot(x, v, dtype=p.dtype)
+  def try_child(r, s, x, has, u):  # r unnormalised: its total carries the normalisation
+    total = jnp.sum(r, axis=-1)
+    acc = has & (u < r[rows, x] / jnp.where(total > 0, total, 1.0))
+    r = jnp.where((has & ~acc)[:, None], r.at[rows, x].set(0.0), r)
+    return r, s, acc
 
-  def level(d, carry):  # one depth: try the current node's children in order
-    cur, active, n_acc, last = carry
-    kd = sampling.fold_in(key, d)
+  return _walk(key, tree, target_logits, max_depth, max_children, mode, sp, children,
+               lambda p, cur: (p, ()), try_child)
 
-    def sibling(m, c):
-      r, accepted, nxt = c
-      child = children[rows, cur, m]
-      has = (child >= 0) & active & ~accepted
-      x = tree.tokens[rows, jnp.maximum(child, 0)]
-      total = jnp.sum(r, axis=-1)
-      px = r[rows, x] / jnp.where(total > 0, total, 1.0)
-      acc = has & (sampling.uniform(sampling.fold_in(kd, m), (b,)) < px)
-      r = jnp.where((has & ~acc)[:, None], r * (1.0 - onehot(x)), r)
-      return r, accepted | acc, jnp.where(acc, child, nxt)
 
-    r, accepted, nxt = jax.lax.fori_loop(
-        0, max_children, sibling, (p[rows, cur], jnp.zeros((b,), bool), cur))
-    stop = active & ~accepted
-    r = jnp.where(jnp.sum(r, -1, keepdims=True) > 0, r, p[rows, cur])  # float-rounding guard
-    drawn = sampling.categorical_from_probs(sampling.fold_in(kd, max_children), r)
-    return (nxt, active & accepted, n_acc + (active & accepted).astype(jnp.int32),
-            jnp.where(stop, drawn, last))
+def tree_rejection_q(key: jax.Array, tree, target_logits: jax.Array, max_depth: int,
+                     max_children: int, mode: SamplingMode, sp: SamplingParams,
+                     children: jax.Array | None = None):
+  """Lossless multi-draft sampling over a tree whose siblings were drawn from the draft's
+  distribution without replacement (`tree.probs` [B, N, V]: q at each node, its children in
+  draw order; recursive rejection sampling, Jeon et al. 2024, SpecInfer's multi-step
+  speculative sampling without replacement).
 
-  init = (jnp.zeros((b,), jnp.int32), jnp.ones((b,), bool), jnp.zeros((b,), jnp.int32),
-          jnp.zeros((b,), jnp.int32))
-  cur, _, n_acc, last = jax.lax.fori_loop(0, max_depth + 1, level, init)
-  path = trees.path_to(tree.parents, tree.depth, cur, max_depth)
-  return n_acc, _tree_emit(tree, path, n_acc, last), path
+  At the current node, r = the target's p there and q = the node's draft distribution. The
+  j-th child x_j was drawn from q_j = normalise(q with x_1 .. x_{j-1} removed): accept it with
+  probability min(1, r(x_j) / q_j(x_j)); on rejection r <- normalise(max(r - q_j, 0)) and the
+  next child is tried. Each step is exact rejection sampling of r with proposal q_j, so the
+  token finally taken (an accepted child, or a draw from r when all are rejected) has the
+  target's distribution. A child q gives no mass (drawn past its support) is skipped.
+  """
+  rows = jnp.arange(tree.tokens.shape[0])
+
+  def try_child(r, q, x, has, u):  # r normalised; q: the draft mass not drawn yet
+    qj = _normalise(q)
+    qx = qj[rows, x]
+    has = has & (qx > 0)
+    acc = has & (u * qx < r[rows, x])
+    rejected = (has & ~acc)[:, None]
+    return (jnp.where(rejected, _residual(r, qj), r),
+            jnp.where(rejected, q.at[rows, x].set(0.0), q), acc)
+
+  return _walk(key, tree, target_logits, max_depth, max_children, mode, sp, children,
+               lambda p, cur: (p, tree.probs[rows, cur].astype(p.dtype)), try_child)
 
 
 def tree(key, tree_arrays, target_logits, max_depth: int, max_children: int,
          mode: SamplingMode, sp: SamplingParams, children=None):
   if mode.greedy:
     return tree_greedy(tree_arrays, target_logits, max_depth)
-  return tree_rejection(key, tree_arrays, target_logits, max_depth, max_children, mode, sp,
-                        children)
+  sampler = tree_rejection if tree_arrays.probs is None else tree_rejection_q
+  return sampler(key, tree_arrays, target_logits, max_depth, max_children, mode, sp, children)
 
 
 def proposal(key: jax.Array, prop: "Proposal", target_logits: jax.Array, mode: SamplingMode,

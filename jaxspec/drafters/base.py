@@ -172,6 +172,13 @@ class DrafterSpec:
     """Draft slots per round: k for chains, the tree's nodes below the root."""
     return self.k if self.tree is None else self.tree.n_nodes - 1
 
+  def sibling_sampling(self, r: Round):
+    """(draft key, mode, sampling values) when this round's tree draws its siblings from the
+    draft distribution (sampling, a `trees.Static` tree with `sampled=True`); else None."""
+    if self.mode.greedy or not isinstance(self.tree, trees.Static) or not self.tree.sampled:
+      return None
+    return r.key, self.mode, r.sp
+
   def with_mode(self, mode: SamplingMode) -> "DrafterSpec":
     return dataclasses.replace(self, mode=mode)
 

@@ -105,7 +105,7 @@ class DraftModelSpec(DrafterSpec):
 
     pending = last_tokens(r.seq, r.n, 1)[:, 0]
     cache, arrays, node_slot = grow(feed, out.cache, out.logits[:, 0], pending, r.n - 1,
-                                    self.tree)
+                                    self.tree, sample=self.sibling_sampling(r))
     return st.replace(cache=cache, node_slot=node_slot), Proposal.from_tree(self.tree, arrays)
 
   def commit_plain(self, params, st: DraftState, r: Round, a: Accepted):

@@ -163,7 +163,8 @@ class EagleSpec(DrafterSpec):
                       tree_mask=tree_mask, mask_base=mask_base)
       return cache, vocab.read_out(params["vocab"], tp, self.target, g), g
 
-    cache, arrays, _ = grow(feed, cache, first, pending, base, self.tree, root_feat=g[:, 0])
+    cache, arrays, _ = grow(feed, cache, first, pending, base, self.tree, root_feat=g[:, 0],
+                            sample=self.sibling_sampling(r))
     return st.replace(cache=cache, drafts=arrays.tokens), Proposal.from_tree(self.tree, arrays)
 
   def commit_plain(self, params, st: EagleState, r: Round, a: Accepted):

@@ -135,7 +135,8 @@ class HydraSpec(DrafterSpec):
       f = jnp.broadcast_to(feat[:, None, :], toks.shape + feat.shape[-1:])
       return cache, self._logits(params, tp, features(params, tp, f, toks, d)), None
 
-    _, arrays, _ = grow(feed, None, first, pending, r.n - 1, self.tree)
+    _, arrays, _ = grow(feed, None, first, pending, r.n - 1, self.tree,
+                        sample=self.sibling_sampling(r))
     return feat, Proposal.from_tree(self.tree, arrays)
 
   def commit(self, params, feat, r: Round, a: Accepted):

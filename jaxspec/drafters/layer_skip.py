@@ -78,7 +78,8 @@ class LayerSkipSpec(DrafterSpec):
       return o.cache, o.logits, None
 
     root = forward(tp, self.target, pending[:, None], r.tcache, layer_ids=self.layers)
-    cache, arrays, _ = grow(feed, root.cache, root.logits[:, 0], pending, r.n - 1, self.tree)
+    cache, arrays, _ = grow(feed, root.cache, root.logits[:, 0], pending, r.n - 1, self.tree,
+                            sample=self.sibling_sampling(r))
     return dstate, Proposal.from_tree(self.tree, arrays, tcache=cache.rewind(r.n - 1))
 
 

@@ -120,7 +120,8 @@ class MedusaSpec(DrafterSpec):
       return cache, jnp.take_along_axis(lg, d[:, :, None], axis=1), None
 
     pending = last_tokens(r.seq, r.n, 1)[:, 0]
-    _, arrays, _ = grow(feed, None, lg[:, 0], pending, r.n - 1, self.tree)
+    _, arrays, _ = grow(feed, None, lg[:, 0], pending, r.n - 1, self.tree,
+                        sample=self.sibling_sampling(r))
     return feat, Proposal.from_tree(self.tree, arrays)
 
   def commit(self, params, feat, r: Round, a: Accepted):

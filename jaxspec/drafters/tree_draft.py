@@ -12,8 +12,13 @@ Drafters without one return feat=None and ignore `parent`; drafters without a ca
 pass cache=None.
 
 Siblings are the top candidates of their parent's draft distribution, so the proposal is
-deterministic given the context: tree verification then treats each sibling as a one-hot
-draft, which keeps sampling lossless.
+deterministic given the context, and tree verification treats each sibling as a one-hot draft.
+Under sampling, a `Static` tree (with `sampled=True`, its default) instead draws each node's
+children from the parent's warped draft distribution q without replacement (`sample`: the
+round's draft key, mode and sampling values) and records q per node (`TreeArrays.probs`), so
+verification can check every sibling against q (`verify.tree_rejection`). Either way sampling
+stays lossless. Dynamic trees keep the top candidates: which children they keep depends on the
+scores of other nodes, so a kept child would not be a plain draw from q.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec import trees
+from jaxspec import sampling, trees
 from jaxspec.trees import Dynamic, Static, TreeArrays
 
 
@@ -33,16 +38,27 @@ def _at(cache, slot):
 
 
 def static_tree(feed: Callable, cache, root_logits: jax.Array, pending: jax.Array,
-                base: jax.Array, tree: Static, root_feat=None):
+                base: jax.Array, tree: Static, root_feat=None, sample=None):
   """Level by level: one forward per depth (the deepest level is never fed).
 
+  sample: None (top candidates) or (key, mode, sp): children drawn from q without replacement.
   Returns (cache, TreeArrays, node_slot [B, N]: each fed node's slot offset from base, or -1)."""
   b = pending.shape[0]
   m = tree.max_children
   anc = tree.ancestor_mask()
   parents, ranks, levels = np.asarray(tree.parents), np.asarray(tree.ranks), tree.levels
   cols = [pending[:, None].astype(jnp.int32)]
-  cand, _ = trees.top_candidates(root_logits[:, None], m)  # [B, 1, M]: candidates of level 0
+  qs = []  # sampling: q of every fed node, level by level ([B, width, V] each)
+
+  def candidates(logits, d):  # [B, T, V] -> [B, T, M]
+    if sample is None:
+      return trees.top_candidates(logits, m)[0]
+    key, mode, sp = sample
+    toks, q = trees.sampled_candidates(sampling.fold_in(key, d), logits, m, mode, sp)
+    qs.append(q)
+    return toks
+
+  cand = candidates(root_logits[:, None], 0)  # [B, 1, M]: candidates of level 0
   prev_start = 0
   feat = None if root_feat is None else root_feat[:, None]  # [B, level width, F]
   for d in range(1, tree.max_depth + 1):
@@ -54,12 +70,25 @@ def static_tree(feed: Callable, cache, root_logits: jax.Array, pending: jax.Arra
       pos = jnp.broadcast_to((base + d)[:, None], (b, e - s))
       cache, logits, feat = feed(_at(cache, base + s), toks, pos, base, jnp.asarray(anc[s:e]),
                                  parent)
-      cand, _ = trees.top_candidates(logits, m)
+      cand = candidates(logits, d)
       prev_start = s
   tokens = jnp.concatenate(cols, axis=1)
   fed = np.where(np.asarray(tree.depths) < tree.max_depth, np.arange(tree.n_nodes), -1)
   node_slot = jnp.broadcast_to(jnp.asarray(fed, jnp.int32), (b, tree.n_nodes))
-  return cache, tree.arrays(tokens), node_slot
+  arrays = tree.arrays(tokens)
+  if sample is None:
+    return cache, arrays, node_slot
+  # q per node (the deepest level has no children: zeros); a child q gives no mass (drawn past
+  # q's support) is invalid, and so is everything below it.
+  n_fed = sum(q.shape[1] for q in qs)
+  q = jnp.concatenate(qs + [jnp.zeros((b, tree.n_nodes - n_fed) + qs[0].shape[2:],
+                                      qs[0].dtype)], axis=1)  # [B, N, V]
+  par = np.maximum(parents, 0)
+  q_tok = q[jnp.arange(b)[:, None], par[None, :], tokens]  # [B, N]: q of each node's token
+  valid = (q_tok > 0).at[:, 0].set(True)
+  for _ in range(tree.max_depth - 1):
+    valid = valid & valid[:, par]
+  return cache, arrays.replace(valid=valid, probs=q), node_slot
 
 
 def dynamic_tree(feed: Callable, cache, root_logits: jax.Array, pending: jax.Array,
@@ -134,7 +163,8 @@ def dynamic_tree(feed: Callable, cache, root_logits: jax.Array, pending: jax.Arr
   return cache, arrays, node_slot
 
 
-def grow(feed, cache, root_logits, pending, base, tree, root_feat=None):
+def grow(feed, cache, root_logits, pending, base, tree, root_feat=None, sample=None):
+  """sample: `DrafterSpec.sibling_sampling(r)` (used by `Static` trees only)."""
   if isinstance(tree, Static):
-    return static_tree(feed, cache, root_logits, pending, base, tree, root_feat)
+    return static_tree(feed, cache, root_logits, pending, base, tree, root_feat, sample)
   return dynamic_tree(feed, cache, root_logits, pending, base, tree, root_feat)
