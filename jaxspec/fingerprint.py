@@ -57,9 +57,12 @@ def of_value(v):
 
 
 def of_drafter(drafter, skip: tuple[str, ...] = ()) -> tuple:
-  """The drafter's type and options (models and heads by their fingerprints)."""
+  """The drafter's type and options (models and heads by their fingerprints). Fields declared
+  with compare=False are data the program reads as traced inputs (an `NGram` memory's
+  contents), not options: two drafters that differ only there run the same program at the
+  same cost."""
   if not dataclasses.is_dataclass(drafter):
     return (type(drafter).__qualname__, repr(drafter))
   return (type(drafter).__qualname__,
           tuple((f.name, of_value(getattr(drafter, f.name))) for f in dataclasses.fields(drafter)
-                if f.name not in skip))
+                if f.name not in skip and f.compare))

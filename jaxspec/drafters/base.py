@@ -263,6 +263,12 @@ class Drafter:
     None for drafters that run no model."""
     return None
 
+  def remember(self, result) -> "Drafter":
+    """This drafter, carrying what a `generate` result can teach it into later calls (an
+    `NGram` with a memory adds the outputs to it). Drafters that keep nothing across calls
+    return themselves."""
+    return self
+
   def with_k(self, k: int) -> "Drafter":
     """The same drafter drafting k tokens per round."""
     return dataclasses.replace(self, k=k)
@@ -275,6 +281,21 @@ def last_tokens(seq: jax.Array, n: jax.Array, count: int) -> jax.Array:
   """[B, count]: the last `count` committed tokens of each row (seq[n - count .. n - 1])."""
   idx = n[:, None] - count + jnp.arange(count)[None, :]
   return jnp.take_along_axis(seq, jnp.clip(idx, 0, seq.shape[1] - 1), axis=1)
+
+
+def top_indices(scores: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
+  """(values, indices) [B, width] of the `width` largest scores per row [B, H], best first,
+  by repeated argmax: XLA:CPU runs each as one pass, where lax.top_k sorts the row (60 ms for
+  [32, 8832] against 0.5 ms per argmax). Taken entries are set to the minimum."""
+  rows = jnp.arange(scores.shape[0])
+  low = jnp.iinfo(scores.dtype).min if jnp.issubdtype(scores.dtype, jnp.integer) else -jnp.inf
+  vals, idxs = [], []
+  for _ in range(width):
+    i = jnp.argmax(scores, axis=1)
+    vals.append(scores[rows, i])
+    idxs.append(i.astype(jnp.int32))
+    scores = scores.at[rows, i].set(low)
+  return jnp.stack(vals, axis=1), jnp.stack(idxs, axis=1)
 
 
 def pick(x: jax.Array, idx: jax.Array) -> jax.Array:
