@@ -171,8 +171,8 @@ def main(a) -> int:
   prompts = load_prompts(a.prompts, a.limit, a.categories)
   if not prompts:
     raise ValueError("no prompts selected")
-  names = a.drafters.split(",") if a.drafters else default_drafters(model.config)
   from jaxspec.drafters import registry
+  names = registry.split(a.drafters) if a.drafters else default_drafters(model.config)
 
   methods = [("plain", None)] + registry.methods(names, a.k, a.tree)
   if getattr(a, "compare_transformers", False):

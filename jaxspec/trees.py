@@ -135,20 +135,42 @@ class Static:
     for v in (width, length):
       if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)) or v < 1:
         raise ValueError(f"chains needs width >= 1 and length >= 1, got {width!r}, {length!r}")
-    width, length = int(width), int(length)
-    if length > MAX_DEPTH:
-      raise _depth_error(length, f"Static.chains({width}, {length})")
-    if 1 + width * length > MAX_NODES:
-      raise _nodes_error(1 + width * length, f"Static.chains({width}, {length})")
-    parents = [-1] + [0] * width
-    last = list(range(1, width + 1))
-    for _ in range(length - 1):
-      nxt = []
-      for u in last:
-        parents.append(u)
-        nxt.append(len(parents) - 1)
-      last = nxt
+    return cls.branches([int(length)] * int(width), f"Static.chains({width}, {length})")
+
+  @classmethod
+  def branches(cls, lengths: Sequence[int], what: str | None = None) -> "Static":
+    """Independent chains from the root, chain b `lengths[b]` tokens long (level order: at
+    each depth, the chains still going, in chain order). `branch_nodes` maps them back."""
+    if (isinstance(lengths, (str, bytes)) or not hasattr(lengths, "__len__") or not lengths
+        or any(not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)) or v < 1
+               for v in lengths)):
+      raise ValueError(f"branches needs a non-empty list of lengths >= 1, got {lengths!r}")
+    what = what or f"Static.branches({list(lengths)})"
+    lengths = [int(v) for v in lengths]
+    if max(lengths) > MAX_DEPTH:
+      raise _depth_error(max(lengths), what)
+    if 1 + sum(lengths) > MAX_NODES:
+      raise _nodes_error(1 + sum(lengths), what)
+    parents, last = [-1], [0] * len(lengths)
+    for d in range(max(lengths)):
+      for b, n in enumerate(lengths):
+        if d < n:
+          parents.append(last[b])
+          last[b] = len(parents) - 1
     return cls(tuple(parents))
+
+  def branch_nodes(self) -> list[list[int]]:
+    """For each depth-1 child of the root (in order), the nodes of its chain, top down."""
+    out: list[list[int]] = []
+    where: dict[int, int] = {}
+    for i, q in enumerate(self.parents[1:], 1):
+      if q == 0:
+        where[i] = len(out)
+        out.append([i])
+      else:
+        where[i] = where[q]
+        out[where[q]].append(i)
+    return out
 
   @classmethod
   def from_acceptance(cls, rates, nodes: int, max_depth: int = 16) -> "Static":

@@ -16,8 +16,9 @@ from .eagle import Eagle, EagleConfig, EagleHead  # noqa: E402
 from .medusa import Medusa, MedusaConfig, MedusaHeads  # noqa: E402
 from .layer_skip import LayerSkip  # noqa: E402
 from .hydra import Hydra, HydraConfig, HydraHeads  # noqa: E402
+from .lookahead import Lookahead  # noqa: E402
 
 __all__ = ["Accepted", "DraftModel", "Drafter", "DrafterSpec", "Eagle", "EagleConfig",
-           "EagleHead", "EarlyExit", "Head", "Hydra", "HydraConfig", "HydraHeads", "LayerSkip", "Medusa", "MedusaConfig",
-           "MedusaHeads", "NGram", "NoDraft", "Oracle", "Prefill", "Proposal", "Recycling",
-           "Round", "registry"]
+           "EagleHead", "EarlyExit", "Head", "Hydra", "HydraConfig", "HydraHeads", "LayerSkip",
+           "Lookahead", "Medusa", "MedusaConfig", "MedusaHeads", "NGram", "NoDraft", "Oracle",
+           "Prefill", "Proposal", "Recycling", "Round", "registry"]

@@ -96,6 +96,20 @@ def get(name: str, spec: str | None = None) -> Entry:
   return _ENTRIES[_ALIASES[name]]
 
 
+def split(text: str) -> list[str]:
+  """A comma-separated list of drafter specs (`--drafters`), where a spec's own argument may
+  hold commas too (`layer-skip:0,2,ngram` is ['layer-skip:0,2', 'ngram']): a piece that does
+  not start with a registered name continues the spec before it."""
+  out: list[str] = []
+  for piece in text.split(","):
+    name = piece.partition(":")[0]
+    if out and name != "none" and name not in _ALIASES:
+      out[-1] += "," + piece
+    else:
+      out.append(piece)
+  return out
+
+
 def usage() -> str:
   return ", ".join(["none"] + [e.usage for e in _ENTRIES.values()])
 
