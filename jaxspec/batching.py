@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec import engine, sampling, session
+from jaxspec import engine, policy, sampling, session
 from jaxspec.models import Model
 
 LOOKAHEAD = 4  # without max_prompt_tokens, an iterator is planned from its first 4 * slots
@@ -119,8 +119,8 @@ def generate_many(model: Model, prompts: Iterable, *, batch_size: int = 16, draf
                   max_new_tokens: int = 128, temperature: float = 0.0,
                   top_k: int | None = None, top_p: float | None = None, seed: int = 0,
                   stop_tokens=None, mesh=None, max_prompt_tokens: int | None = None,
-                  insert_size: int | None = None,
-                  max_rounds: int = 1 << 30) -> Iterator[Completion]:
+                  insert_size: int | None = None, max_rounds: int = 1 << 30,
+                  speculate: str | None = None) -> Iterator[Completion]:
   """Generates for every prompt of `prompts` (any iterable of strings, token-id lists or dicts
   with `id` and `prompt` or chat `messages`) with `batch_size` slots (rounded up to a power of
   two, like `generate`'s batch) in the compiled loop, refilling slots as rows finish. Yields one `Completion` per prompt as soon as its row
@@ -132,7 +132,9 @@ def generate_many(model: Model, prompts: Iterable, *, batch_size: int = 16, draf
   max_prompt_tokens, never a truncation. insert_size: prompts prefilled per refill (default
   batch_size // 16, at least 1: a slot waits for at most that many others to free up before it
   is refilled). max_rounds: rounds per loop call (a bound on how long a call may keep the
-  host waiting).
+  host waiting). speculate: as for `generate`; "auto" (greedy default) measures the switch's
+  cost ratio at this batch (every slot busy) before the first refill. Sampled runs always
+  speculate (see below).
 
   Validation and planning happen here; the compiled work runs as the iterator is consumed.
   """
@@ -156,7 +158,8 @@ def generate_many(model: Model, prompts: Iterable, *, batch_size: int = 16, draf
   pr = session.prepare(model, [[0] * longest] * slots, drafter=drafter,
                        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                        top_p=top_p, seed=seed, stop_tokens=stop_tokens, mesh=mesh,
-                       speculate=None if greedy else "always")
+                       speculate=speculate if greedy else "always")
+  pr = _calibrated(model, drafter, pr)
   width = max(1, slots // 16) if insert_size is None else _positive("insert_size", insert_size)
   width = min(width, slots)
   if mesh is not None:
@@ -164,6 +167,19 @@ def generate_many(model: Model, prompts: Iterable, *, batch_size: int = 16, draf
     width = -(-width // data) * data
   runner = _Runner(model, pr, width, seed, longest)
   return runner.iterate(itertools.chain(ahead, jobs), max_rounds)
+
+
+def _calibrated(model: Model, drafter, pr: session.Plan) -> session.Plan:
+  """The switch's cost ratio measured at the serving batch: every slot decoding, at the
+  planned prompt bucket and buffer (`jaxspec.policy`, cached like `generate`'s). The rows keep
+  changing but the shapes do not, and a round's cost follows the shapes. Timed on the plan's
+  placeholder prompts with stops off, so no row finishes before the rounds are timed."""
+  if not pr.spec.switch:
+    return pr
+  timing = dataclasses.replace(pr, inputs=pr.inputs.replace(
+      stop=jnp.full_like(pr.inputs.stop, -1)))
+  measured = policy.measure(model, drafter, timing)
+  return policy.calibrated(model, drafter, pr, ratio=measured.ratio)[0]
 
 
 def _positive(name: str, value) -> int:

@@ -147,14 +147,19 @@ def _prefill(spec: EngineSpec, tparams, dparams, prompt, prompt_lens, live, inp:
                 rounds=jnp.zeros((), jnp.int32),
                 nonfinite=live & ~jnp.isfinite(logits).all(axis=-1),
                 drafted=jnp.zeros((b,), jnp.int32), spec_rounds=jnp.zeros((), jnp.int32))
-  ctl = None
-  if spec.switch:  # start optimistic, but not so far up that a useless drafter lingers
-    tau0 = jnp.minimum(spec.depth + 1.0, 2.0 * inp.ratio * (1.0 + inp.margin))
-    ctl = Control(tau=jnp.full((b,), tau0, jnp.float32), streak=jnp.zeros((), jnp.int32),
-                  gap=probe_gaps(inp.ratio)[0])
   return State(seq=seq, n=prompt_lens + 1, prompt_lens=prompt_lens, done=done,
                cache=out.cache.rewind(prompt_lens), dstate=dstate, key=key, stats=stats,
-               ctl=ctl)
+               ctl=_control(spec, inp, b))
+
+
+def _control(spec: EngineSpec, inp: Inputs, b: int) -> Control | None:
+  """The switch's starting point: optimistic, but not so far up that a useless drafter
+  lingers; the first probe gap from the measured ratio."""
+  if not spec.switch:
+    return None
+  tau0 = jnp.minimum(spec.depth + 1.0, 2.0 * inp.ratio * (1.0 + inp.margin))
+  return Control(tau=jnp.full((b,), tau0, jnp.float32), streak=jnp.zeros((), jnp.int32),
+                 gap=probe_gaps(inp.ratio)[0])
 
 
 def _round(spec: EngineSpec, tparams, dparams, inp: Inputs, s: State) -> State:
@@ -322,8 +327,10 @@ def _empty(spec: EngineSpec, tparams, dparams, inp: Inputs, key) -> State:
     return jnp.zeros(x.shape, x.dtype)
   s = jax.tree.map(zeros, shapes)
   ones = jnp.ones((b,), jnp.int32)
+  # The switch's state as a prefill leaves it (zeros would mean a probe gap of 0: a probe every
+  # round, and speculation whether it pays or not)
   return s.replace(n=ones + 1, prompt_lens=ones, done=jnp.ones((b,), bool),
-                   cache=s.cache.rewind(ones))
+                   cache=s.cache.rewind(ones), ctl=_control(spec, inp, b))
 
 
 def _serve(spec: EngineSpec, tparams, dparams, inp: Inputs, state: State, max_rounds,

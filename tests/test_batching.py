@@ -46,9 +46,12 @@ def plain(stories):
 @pytest.mark.parametrize("kind", ["none", "chain", "tree"])
 @pytest.mark.parametrize("batch_size", [1, 4, 8])
 def test_greedy_equals_generate(stories, plain, batch_size, kind):
+  # Every round speculative, so the drafters' rounds are what is compared (with the default
+  # switch a drafter that does not pay at this batch would decode plainly)
   out = list(generate_many(stories, PROMPTS, batch_size=batch_size,
                            drafter=drafter_for(kind, stories), max_new_tokens=N_NEW,
-                           stop_tokens=STOP, max_prompt_tokens=MAXP))
+                           stop_tokens=STOP, max_prompt_tokens=MAXP,
+                           speculate=None if kind == "none" else "always"))
   assert sorted(c.index for c in out) == list(range(len(PROMPTS)))
   by = {c.index: c for c in out}
   for i, want in enumerate(plain):
@@ -57,6 +60,33 @@ def test_greedy_equals_generate(stories, plain, batch_size, kind):
   assert {c.finish_reason for c in out} == {"stop", "length"}  # both kinds of ending
   if kind != "none":
     assert sum(c.new_tokens for c in out) > sum(c.target_calls for c in out)  # tau > 1
+
+
+def test_switch_ratio_is_measured_at_the_serving_batch(stories, plain, monkeypatch):
+  """With the default switch, generate_many times the speculation switch's two round kinds at
+  its own batch (every slot busy) before serving, and the loop acts on that ratio: at a ratio
+  no drafter can beat, every round is plain (one target call per token) and the output is
+  still exact."""
+  from jaxspec import policy
+  seen = []
+
+  def measure(model, drafter, plan, **kw):
+    seen.append((plan.spec.batch, plan.spec.switch, int(plan.inputs.stop.max())))
+    return policy.Measured(ratio=1e6, plain_round_s=1e-3, spec_round_s=1e3, seconds=0.0)
+
+  monkeypatch.setattr(policy, "measure", measure)
+  out = list(generate_many(stories, PROMPTS[:8], batch_size=4,
+                           drafter=drafters.EarlyExit(layers=3, k=3), max_new_tokens=N_NEW,
+                           stop_tokens=STOP, max_prompt_tokens=MAXP, speculate="auto"))
+  assert seen == [(4, True, -1)]  # 4 slots, stops off while timing
+  assert all(c.target_calls == c.new_tokens for c in out)
+  assert {c.index: c.tokens for c in out} == dict(enumerate(plain[:8]))
+  # Sampled runs speculate every round: nothing to measure
+  seen.clear()
+  list(generate_many(stories, PROMPTS[:4], batch_size=4, drafter=drafters.EarlyExit(3, k=3),
+                     max_new_tokens=4, temperature=1.0, max_prompt_tokens=MAXP,
+                     speculate="auto"))
+  assert seen == []
 
 
 def test_no_recompile_after_warmup(stories):
