@@ -777,7 +777,6 @@ def smol_prompts(model, n_tokens: int, limit: int) -> tuple[list[list[int]], lis
 
 
 def cmd_smol(a) -> int:
-  import jax
   import torch
   import transformers
 

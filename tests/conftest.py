@@ -115,3 +115,20 @@ def next_token_laws(model, prompt):
   p2 = np.asarray(jax.nn.softmax(jaxspec.logits(model, [prompt + [t] for t in range(v)])[:, -1],
                                  axis=-1), np.float64)
   return p1, p2, p1 @ p2
+
+
+def assert_second_and_third_follow_the_target(model, prompt, tokens, p_min=1e-4):
+  """Chi-square checks of sampled outputs `tokens` (rows of >= 3 new tokens after `prompt`):
+  the second token against its marginal under the target, and the third given the second for
+  the two most likely second tokens."""
+  import numpy as np
+  import jaxspec
+  v = model.config.vocab_size
+  p1, p2, law2 = next_token_laws(model, prompt)
+  second = np.array([t[1] for t in tokens])
+  assert chisquare_p(second, law2) > p_min
+  third = np.array([t[2] for t in tokens])
+  for s2 in np.argsort(-law2)[:2]:
+    ctx = [prompt + [t, int(s2)] for t in range(v)]
+    p3 = np.asarray(jax.nn.softmax(jaxspec.logits(model, ctx)[:, -1], axis=-1), np.float64)
+    assert chisquare_p(third[second == s2], (p1 * p2[:, s2]) @ p3) > p_min  # P(x3 | x2 = s2)

@@ -3,7 +3,6 @@ sampled chain's draft distribution is autoregressive; the output law is the targ
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ import jaxspec
 from jaxspec import drafters, trees
 from jaxspec.drafters import hydra
 
-from conftest import chisquare_p, next_token_laws, tiny_model
+from conftest import assert_second_and_third_follow_the_target, tiny_model
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -51,20 +50,10 @@ def test_hydra_sampling_is_exact(tree):
   (the first round's drafts, each sampled from a head conditioned on the draft before it)
   follow the target's law."""
   model = tiny_model(seed=3, max_seq_len=64)
-  v = model.config.vocab_size
   prompt = [5, 9, 2]
   d = drafters.Hydra(_heads(model), k=2, tree=tree)
   rows = 8192
   out = jaxspec.generate(model, [prompt] * rows, drafter=d, max_new_tokens=3, stop_tokens=(),
                          temperature=1.0, seed=7, speculate="always")
   assert sum(sum(h[1:]) for h in out.stats.accepted) > 0
-  p1, p2, law2 = next_token_laws(model, prompt)
-  second = np.array([t[1] for t in out.tokens])
-  assert chisquare_p(second, law2) > 1e-4
-  # the third token given the second: for the two most common second tokens
-  third = np.array([t[2] for t in out.tokens])
-  for s2 in np.argsort(-law2)[:2]:
-    ctx = [prompt + [t, int(s2)] for t in range(v)]
-    p3 = np.asarray(jax.nn.softmax(jaxspec.logits(model, ctx)[:, -1], axis=-1), np.float64)
-    cond = (p1 * p2[:, s2]) @ p3  # P(x3 | x2 = s2) up to normalisation
-    assert chisquare_p(third[second == s2], cond) > 1e-4
+  assert_second_and_third_follow_the_target(model, prompt, out.tokens)

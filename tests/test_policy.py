@@ -2,7 +2,6 @@
 lossless for every drafter whichever branch a round takes, compiled once, and settling on plain
 decoding when the drafter does not pay."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp

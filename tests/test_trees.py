@@ -10,7 +10,8 @@ import pytest
 import jaxspec
 from jaxspec import drafters, sampling, session, trees, verify
 from jaxspec.models import KVCache, forward
-from conftest import chisquare_p, next_token_laws, tiny_model, truncated
+from conftest import (assert_second_and_third_follow_the_target, next_token_laws, tiny_model,
+                      truncated)
 
 from test_verify import V, N, P_MIN, _law, _markov, chi2_pvalue
 
@@ -368,20 +369,12 @@ def test_sampled_tree_generation_is_exact(name):
   tokens (drafts of the first round, siblings drawn from q without replacement, or the top
   candidates with sampled=False) follow the target's law."""
   model = tiny_model(seed=3, max_seq_len=64)
-  v = model.config.vocab_size
   prompt = [5, 9, 2]
   d = _sampled_tree_drafters(model)[name]
   out = jaxspec.generate(model, [prompt] * 8192, drafter=d, max_new_tokens=3, stop_tokens=(),
                          temperature=1.0, seed=13, speculate="always")
   assert sum(sum(h[1:]) for h in out.stats.accepted) > 0
-  p1, p2, law2 = next_token_laws(model, prompt)
-  second = np.array([t[1] for t in out.tokens])
-  assert chisquare_p(second, law2) > 1e-4
-  third = np.array([t[2] for t in out.tokens])
-  for s2 in np.argsort(-law2)[:2]:
-    ctx = [prompt + [t, int(s2)] for t in range(v)]
-    p3 = np.asarray(jax.nn.softmax(jaxspec.logits(model, ctx)[:, -1], axis=-1), np.float64)
-    assert chisquare_p(third[second == s2], (p1 * p2[:, s2]) @ p3) > 1e-4
+  assert_second_and_third_follow_the_target(model, prompt, out.tokens)
 
 
 def test_sampled_siblings_accept_more_in_generation(stories):

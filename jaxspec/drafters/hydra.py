@@ -28,7 +28,6 @@ from typing import Callable, ClassVar
 import jax
 import jax.numpy as jnp
 
-from jaxspec import sampling
 from jaxspec.models import ModelConfig
 
 from . import registry, vocab
