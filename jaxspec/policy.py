@@ -89,12 +89,21 @@ def measure(model, drafter, plan: session.Plan, *, warm: int = WARM_ROUNDS,
   # while the plain branch was timed. Left in, it would make a drafter that is never right
   # look worth running (tau 1 > ratio) and the loop would speculate every round.
   ratio = max(1.0, spec / plain) if ok else 1.0
-  if jax.process_count() > 1:  # every process must take the same branches
-    from jax.experimental import multihost_utils
+  if jax.process_count() > 1 and _spans_processes(plan):  # one program over every process:
+    from jax.experimental import multihost_utils  # all of them must take the same branches
     ratio = float(multihost_utils.broadcast_one_to_all(np.float32(ratio)))
   _RATIOS[key] = Measured(ratio=float(ratio), plain_round_s=plain, spec_round_s=spec,
                           seconds=time.perf_counter() - t0)
   return dataclasses.replace(_RATIOS[key], compile_s=c_plain + c_spec)
+
+
+def _spans_processes(plan: session.Plan) -> bool:
+  """The plan's program runs on other processes' devices too (a global mesh). A process-local
+  plan (`jaxspec run`'s shares, one host's `generate`) measures for itself: a collective there
+  would wait for processes that may never measure (a share with nothing left to do)."""
+  mesh = plan.mesh
+  me = jax.process_index()
+  return mesh is not None and any(d.process_index != me for d in mesh.devices.flat)
 
 
 def calibrated(model, drafter, plan: session.Plan, *, ratio: float | None = None):

@@ -167,12 +167,16 @@ def run_rounds(model: Model, pr: Plan, state, max_rounds: int,
 
 
 def fetch(tree):
-  """Device -> host once; across processes, gathers the rows every process needs."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
-                        tree)
-  return jax.device_get(tree)
+  """Device -> host once. An array over other processes' devices too (a global mesh) is
+  gathered from every process (a collective they all run); a process-local one (one host's
+  plan, `jaxspec run`'s shares) is read here alone, so no process waits on another that is not
+  fetching."""
+  def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      from jax.experimental import multihost_utils
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return jax.device_get(x)
+  return jax.tree.map(get, tree)
 
 
 def check_finite(model: Model, bad) -> None:

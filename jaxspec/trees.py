@@ -135,7 +135,13 @@ class Static:
     for v in (width, length):
       if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)) or v < 1:
         raise ValueError(f"chains needs width >= 1 and length >= 1, got {width!r}, {length!r}")
-    return cls.branches([int(length)] * int(width), f"Static.chains({width}, {length})")
+    width, length = int(width), int(length)
+    what = f"Static.chains({width}, {length})"
+    if length > MAX_DEPTH:  # before building anything: chains(10**9, 2) must not list 10**9
+      raise _depth_error(length, what)
+    if 1 + width * length > MAX_NODES:
+      raise _nodes_error(1 + width * length, what)
+    return cls.branches([length] * width, what)
 
   @classmethod
   def branches(cls, lengths: Sequence[int], what: str | None = None) -> "Static":

@@ -8,7 +8,7 @@ import pytest
 import jaxspec
 from jaxspec import drafters, trees
 from jaxspec.drafters import layer_skip, registry
-from conftest import tiny_model
+from conftest import assert_second_and_third_follow_the_target, tiny_model
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -36,6 +36,21 @@ def test_greedy_equals_plain(stories, plain, case):
   got = jaxspec.generate(stories, PROMPTS, max_new_tokens=N_NEW, drafter=d, stop_tokens=())
   assert got.tokens == plain.tokens
   assert got.stats.mean_accepted > 1.0  # drafts were accepted, not only verified away
+
+
+@pytest.mark.parametrize("d", [drafters.LayerSkip((0,), k=2),
+                               drafters.LayerSkip((1,), k=3, stop_below=0.2)],
+                         ids=["chain", "chain-stop"])
+def test_sampled_chains_are_exact(d):
+  """Temperature 1, 8192 rows, every round speculative on a 2-layer model drafting with one of
+  its layers (the tree case is in test_trees.py): the second and third tokens follow the
+  target's law."""
+  model = tiny_model(seed=3, max_seq_len=64)
+  prompt = [5, 9, 2]
+  out = jaxspec.generate(model, [prompt] * 8192, drafter=d, max_new_tokens=3, stop_tokens=(),
+                         temperature=1.0, seed=21, speculate="always")
+  assert sum(sum(h[1:]) for h in out.stats.accepted) > 0
+  assert_second_and_third_follow_the_target(model, prompt, out.tokens)
 
 
 def test_searched_skip_set_is_cached_per_model(stories):

@@ -157,6 +157,26 @@ def test_switch_compiles_once_and_calibrates_once(stories):
     jaxspec.generate(stories, ["x"], drafter=d, speculate="sometimes")
 
 
+def test_only_a_global_mesh_shares_the_measured_ratio(stories, monkeypatch):
+  """In a multi-process job a process-local plan (no mesh, or a mesh of this process's own
+  devices: `jaxspec run`'s shares) measures for itself; only a plan over other processes'
+  devices agrees on one ratio through a collective, which every process then runs."""
+  from jax.experimental import multihost_utils
+  from jaxspec import sharding
+  calls = []
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "broadcast_one_to_all",
+                      lambda x: calls.append(x) or x)
+  policy.clear_cache()
+  d = drafters.NGram(k=2)
+  for mesh in (None, sharding.make_mesh(data=2, devices=jax.local_devices()[:2])):
+    plan = session.prepare(stories, ["Once upon a time"] * 2, drafter=d, max_new_tokens=16,
+                           speculate="auto", mesh=mesh)
+    assert not policy._spans_processes(plan)
+    policy.measure(stories, d, plan)
+  assert calls == []
+
+
 @pytest.mark.parametrize("ratio", [100.0, 0.01])
 def test_switch_sampling_is_exact(ratio):
   """Temperature 1 on a 64-token model, 8192 rows: the second emitted token (the first round:
