@@ -21,6 +21,10 @@ DATA = pathlib.Path(__file__).resolve().parent / "data"  # golden outputs (small
 SMOLLM_GGUF = pathlib.Path(fetch.path("smollm2-135m") or
                            fetch.cache_dir() / "smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
+# Four story openings of different lengths (a ragged batch) that many test modules share.
+STORY_PROMPTS = ["Once upon a time", "Tom and his dog went to the", "The little bird",
+                 "Lily wanted to play with her friend in the big park. She said"]
+
 
 def pytest_configure(config):
   assert jax.device_count() == 8, "tests expect 8 simulated host devices"

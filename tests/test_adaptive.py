@@ -10,12 +10,12 @@ import jaxspec
 from jaxspec import adaptive, cli, drafters, peers, verify
 from jaxspec.adaptive import Costs
 from jaxspec.sampling import SamplingMode
+from conftest import STORY_PROMPTS
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
-PROMPTS = ["Once upon a time", "Tom and his dog went to the", "The little bird",
-           "Lily wanted to play with her friend in the big park. She said"]
+PROMPTS = STORY_PROMPTS
 N_NEW = 24
 
 

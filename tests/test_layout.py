@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_model, truncated
+from conftest import STORY_PROMPTS, tiny_model, truncated
 from jax.sharding import PartitionSpec as P
 
 import jaxspec
@@ -18,8 +18,7 @@ from jaxspec import drafters, xla_flags
 from jaxspec import sharding as sh
 from jaxspec.models import KVCache, forward, layout
 
-PROMPTS = ["Once upon a time", "Tom and his dog went to the", "The little bird",
-           "Lily wanted to play with her friend in the big park. She said"]
+PROMPTS = STORY_PROMPTS
 N_NEW = 20
 
 

@@ -11,10 +11,9 @@ from jaxspec import drafters
 from jaxspec.drafters import Accepted, Prefill, Round
 from jaxspec.drafters.registry import parse as parse_drafter
 from jaxspec.sampling import make as make_sampling
-from conftest import chisquare_p, next_token_laws, tiny_model
+from conftest import STORY_PROMPTS, chisquare_p, next_token_laws, tiny_model
 
-PROMPTS = ["Once upon a time", "Tom and his dog went to the", "The little bird",
-           "Lily wanted to play with her friend in the big park. She said"]
+PROMPTS = STORY_PROMPTS
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import pytest
 import jaxspec
 from jaxspec import drafters, engine, policy, trees
 from jaxspec.drafters import ngram
+from conftest import STORY_PROMPTS
 
-PROMPTS = ["Once upon a time", "Tom and his dog went to the", "The little bird",
-           "Lily wanted to play with her friend in the big park. She said"]
+PROMPTS = STORY_PROMPTS
 N_NEW = 48
 
 

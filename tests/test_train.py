@@ -17,9 +17,9 @@ import jaxspec
 from jaxspec import checkpoint, drafters, trees
 from jaxspec.drafters.registry import parse as parse_drafter
 from jaxspec.models import Model
+from conftest import STORY_PROMPTS
 
-PROMPTS = ["Once upon a time", "Tom and his dog went to the", "The little bird",
-           "Lily wanted to play with her friend in the big park. She said"]
+PROMPTS = STORY_PROMPTS
 N_NEW = 24
 STEPS = 60
 SETTINGS = dict(steps=STEPS, batch_size=16, seq_len=64, num_prompts=64, samples_per_prompt=1,

@@ -10,13 +10,12 @@ import pytest
 import jaxspec
 from jaxspec import drafters, sampling, session, trees, verify
 from jaxspec.models import KVCache, forward
-from conftest import (assert_second_and_third_follow_the_target, next_token_laws, tiny_model,
-                      truncated)
+from conftest import (STORY_PROMPTS, assert_second_and_third_follow_the_target, next_token_laws,
+                      tiny_model, truncated)
 
 from test_verify import V, N, P_MIN, _law, _markov, chi2_pvalue
 
-PROMPTS = ["Once upon a time", "Tom and his dog went to the", "The little bird",
-           "Lily wanted to play with her friend in the big park. She said"]
+PROMPTS = STORY_PROMPTS
 N_NEW = 24
 STATIC = trees.Static.from_branching((3, 2, 1))
 DYNAMIC = trees.Dynamic(nodes=12, topk=3, depth=4)
