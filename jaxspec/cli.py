@@ -37,6 +37,7 @@ BENCH_EXAMPLES = """examples:
 
 TRAIN_EXAMPLES = """examples:
   jaxspec train-drafter --kind eagle --out runs/eagle --steps 500
+  jaxspec train-drafter --kind eagle3 --out runs/eagle3 --steps 500 --draft-vocab 256
   jaxspec generate "Once upon a time" --drafter eagle:runs/eagle --k 4
   jaxspec train-drafter --kind medusa --out runs/medusa --steps 500 --k 4
   jaxspec train-drafter --kind hydra --out runs/hydra --steps 500 --k 4 --draft-vocab 256
@@ -146,7 +147,8 @@ def cmd_train_drafter(a) -> int:
         if getattr(a, key) is not None}
   jaxspec.train.train_drafter(model, kind=a.kind, out_dir=a.out, steps=a.steps, data=a.data,
                               resume=not a.no_resume, mesh=mesh, **kw)
-  use = f"draft:{a.out}/drafter" if a.kind == "distill" else f"{a.kind}:{a.out}"
+  family = {"distill": "draft", "eagle3": "eagle"}.get(a.kind, a.kind)
+  use = f"{family}:{a.out}" + ("/drafter" if a.kind == "distill" else "")
   print(f"drafter saved to {a.out}/drafter; use it with --drafter {use}")
   return 0
 
@@ -194,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
   t = sub.add_parser("train-drafter", help="train an EAGLE / Medusa / Hydra / distilled drafter",
                      epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
   t.add_argument("--model", default="stories260K", help="the target model (as for generate)")
-  t.add_argument("--kind", required=True, choices=["eagle", "medusa", "hydra", "distill"])
+  t.add_argument("--kind", required=True,
+                 choices=["eagle", "eagle3", "medusa", "hydra", "distill"])
   t.add_argument("--out", required=True, help="run directory (data, checkpoints, drafter/)")
   t.add_argument("--steps", type=int, default=1000)
   t.add_argument("--data", default=None, help="JSONL ({prompt|text|turns}) or text prompts")

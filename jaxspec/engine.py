@@ -129,7 +129,8 @@ def row_keys(key: jax.Array, ids: jax.Array) -> jax.Array:
 def _prefill(spec: EngineSpec, tparams, dparams, prompt, prompt_lens, live, inp: Inputs, key):
   b, p = prompt.shape
   cache = KVCache.like(tparams, spec.target, b, spec.buf_len)
-  out = forward(tparams, spec.target, prompt, cache, logits=False)
+  out = forward(tparams, spec.target, prompt, cache, logits=False,
+                taps=spec.drafter.feature_layers)
   last_h = jnp.take_along_axis(out.hidden, (prompt_lens - 1)[:, None, None], axis=1)  # [B,1,D]
   logits = head(tparams, spec.target, last_h)[:, 0]
   if not sampling.per_row(key):  # one seed: row b's key is fold_in(seed key, b)
@@ -140,7 +141,7 @@ def _prefill(spec: EngineSpec, tparams, dparams, prompt, prompt_lens, live, inp:
   seq = seq.at[jnp.arange(b), prompt_lens].set(first)
   done = ~live | _is_stop(first[:, None], inp.stop)[:, 0] | (inp.max_new <= 1)
   dstate = spec.drafter.init(dparams, Prefill(tparams=tparams, prompt=prompt,
-                                              prompt_lens=prompt_lens, hidden=out.hidden,
+                                              prompt_lens=prompt_lens, hidden=_features(out),
                                               cache_size=spec.buf_len))
   stats = Stats(target_calls=live.astype(jnp.int32),
                 accept_hist=jnp.zeros((b, spec.depth + 1), jnp.int32),
@@ -150,6 +151,12 @@ def _prefill(spec: EngineSpec, tparams, dparams, prompt, prompt_lens, live, inp:
   return State(seq=seq, n=prompt_lens + 1, prompt_lens=prompt_lens, done=done,
                cache=out.cache.rewind(prompt_lens), dstate=dstate, key=key, stats=stats,
                ctl=_control(spec, inp, b))
+
+
+def _features(out) -> jax.Array:
+  """What the drafter reads of a target forward: its `feature_layers` taps, or the last
+  layer's residual stream."""
+  return out.hidden if out.taps is None else out.taps
 
 
 def _control(spec: EngineSpec, inp: Inputs, b: int) -> Control | None:
@@ -222,12 +229,12 @@ def _speculate(spec: EngineSpec, tparams, dparams, inp: Inputs, s: State, r: Rou
   dstate, prop = d.propose(dparams, s.dstate, r)
   tokens, positions, tree_mask = prop.target_inputs(s.seq, s.n)  # [B, T]
   out = forward(tparams, spec.target, tokens, s.cache if prop.tcache is None else prop.tcache,
-                positions=positions, tree_mask=tree_mask)
+                positions=positions, tree_mask=tree_mask, taps=d.feature_layers)
   v = verify.proposal(k_verify, prop, out.logits, d.mode, r.sp)
   seq, n, done = _commit(spec, inp, s, v.tokens, v.n_acc)
   cache = prop.keep_path(out.cache, s.n - 1, v.path).rewind(n - 1)
   dstate = d.commit(dparams, dstate, r, Accepted(
-      n_new=n, n_acc=v.n_acc, path=v.path, hidden=prop.along_path(out.hidden, v.path),
+      n_new=n, n_acc=v.n_acc, path=v.path, hidden=prop.along_path(_features(out), v.path),
       tokens=tokens, logits=out.logits))
 
   hist = s.stats.accept_hist + (jax.nn.one_hot(v.n_acc, spec.depth + 1, dtype=jnp.int32) *
@@ -256,12 +263,12 @@ def _plain(spec: EngineSpec, tparams, dparams, inp: Inputs, s: State, r: Round,
   d = spec.drafter
   live = ~s.done
   pending = jnp.take_along_axis(s.seq, (s.n - 1)[:, None], axis=1)  # [B, 1]
-  out = forward(tparams, spec.target, pending, s.cache)
+  out = forward(tparams, spec.target, pending, s.cache, taps=d.feature_layers)
   none = jnp.zeros((pending.shape[0], 0), jnp.int32)
   n_acc, emit = verify.chain(k_verify, none, None, out.logits, d.mode, r.sp)  # [B], [B, 1]
   seq, n, done = _commit(spec, inp, s, emit, n_acc)
   dstate = d.commit_plain(dparams, s.dstate, r, Accepted(
-      n_new=n, n_acc=n_acc, path=jnp.zeros_like(pending), hidden=out.hidden, tokens=pending,
+      n_new=n, n_acc=n_acc, path=jnp.zeros_like(pending), hidden=_features(out), tokens=pending,
       logits=out.logits))
   bad = ~jnp.isfinite(out.logits).all(axis=(1, 2))
   stats = s.stats.replace(target_calls=s.stats.target_calls + live.astype(jnp.int32),

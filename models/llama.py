@@ -48,6 +48,7 @@ class Output:
   logits: jax.Array  # [B, T, V] float32
   cache: KVCache | None  # new entries written at slots lengths .. lengths + T - 1; lengths += T
   hidden: jax.Array  # [B, T, D] residual stream after the last layer run (before the final norm)
+  taps: jax.Array | None = None  # [B, T, n * D]: the residual stream after each `taps` layer
 
 
 def _window(mask: jax.Array, key_pos: jax.Array, positions: jax.Array, window: int) -> jax.Array:
@@ -111,6 +112,8 @@ def forward(
     logits: bool = True,
     embeds: jax.Array | None = None,
     attn_chunk: int | None = None,
+    taps: tuple[int, ...] = (),
+    attn_mask: jax.Array | None = None,
 ) -> Output:
   """Runs the decoder over `tokens` [B, T].
 
@@ -140,6 +143,12 @@ def forward(
       (`layers.attention_live`), so a decode step over a long buffer costs about the context
       in use, not the buffer size. (Measured on CPU, SmolLM2 shape, 512 live of 2,560 slots:
       445 / 395 ms vs 453 / 471 ms per step in two runs; shorter buffers stay dense.)
+    taps: layer ids (increasing, among those run) whose output residual streams come back
+      concatenated in `Output.taps` [B, T, n * D] (EAGLE-3 reads low, middle and high layers).
+      The layer scan is split at them, so they cost no more than the copies they return.
+    attn_mask: [B or 1, T, S] bool, which cache slots each new token sees, replacing the mask
+      built from the cache lengths / `tree_mask` (needs a cache; EAGLE-3's training-time test
+      attends across several drafting steps written side by side in one buffer).
   """
   c = config
   b, t = tokens.shape
@@ -159,6 +168,8 @@ def forward(
       x = x * jnp.asarray(math.sqrt(c.dim), dtype)
   else:
     x = embeds.astype(dtype)
+  if attn_mask is not None and cache is None:
+    raise ValueError("attn_mask needs a cache (it says which cache slots each token sees)")
   if cache is None:
     mask = _mask(t, t, None, tree_mask)
     slots = None
@@ -169,6 +180,8 @@ def forward(
     slots = lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
     limit = jnp.max(lengths) + t  # no query sees a slot past the last one written
     key_pos = jnp.arange(cache.size, dtype=jnp.int32)[None, :]
+    if attn_mask is not None:
+      mask = jnp.broadcast_to(attn_mask, (b, t, cache.size))
   local_mask = mask if not c.windowed else _window(mask, key_pos, positions, c.sliding_window)
   chunk = None if cache is None else live_attention_chunk(cache.size, attn_chunk)
   if chunk is not None and c.windowed:  # per-row spans: local rows start at their window
@@ -221,21 +234,48 @@ def forward(
 
   carry = (x, None, None) if cache is None else (x, cache.k, cache.v)
   per_layer = lay.is_per_layer(params) or (cache is not None and isinstance(cache.k, tuple))
-  if per_layer:  # unrolled over static ids: each dot reads its own buffers
-    if not isinstance(run_ids, tuple):
-      raise ValueError("traced layer_ids need stacked layer weights and a stacked cache "
-                       "(models.layout.stacked, KVCache.init(per_layer=False))")
-    for i in run_ids:
-      carry, _ = layer(carry, i)
-  else:
-    carry, _ = jax.lax.scan(layer, carry, jnp.asarray(run_ids, jnp.int32))
+  segments = _segments(run_ids, taps)
+  if not isinstance(run_ids, tuple) and per_layer:
+    raise ValueError("traced layer_ids need stacked layer weights and a stacked cache "
+                     "(models.layout.stacked, KVCache.init(per_layer=False))")
+  tapped = []
+  for ids, tap in segments:  # the layers up to each tap, then the tap's copy of the stream
+    if per_layer:  # unrolled over static ids: each dot reads its own buffers
+      for i in ids:
+        carry, _ = layer(carry, i)
+    elif len(ids):
+      carry, _ = jax.lax.scan(layer, carry, jnp.asarray(ids, jnp.int32))
+    if tap:
+      tapped.append(carry[0])
   x, kbuf, vbuf = carry
 
   new_cache = None
   if cache is not None:
     new_cache = cache.replace(k=kbuf, v=vbuf, lengths=cache.lengths + t)
   out_logits = head(params, config, x) if logits else jnp.zeros((b, t, 0), jnp.float32)
-  return Output(logits=out_logits, cache=new_cache, hidden=x)
+  return Output(logits=out_logits, cache=new_cache, hidden=x,
+                taps=jnp.concatenate(tapped, axis=-1) if tapped else None)
+
+
+def _segments(run_ids, taps: tuple[int, ...]):
+  """[(layer ids, ends at a tap)]: `run_ids` cut after each tap layer (one segment, no tap,
+  without taps; traced ids take no taps)."""
+  if not taps:
+    return [(run_ids, False)]
+  taps = tuple(int(i) for i in taps)
+  if not isinstance(run_ids, tuple):
+    raise ValueError("taps need static layer ids")
+  if any(a >= b for a, b in zip(taps, taps[1:])) or any(i not in run_ids for i in taps):
+    raise ValueError(f"taps must be increasing ids of layers that run ({run_ids[0]} .. "
+                     f"{run_ids[-1]}), got {taps!r}")
+  out, start = [], 0
+  for tap in taps:
+    end = run_ids.index(tap) + 1
+    out.append((run_ids[start:end], True))
+    start = end
+  if start < len(run_ids):
+    out.append((run_ids[start:], False))
+  return out
 
 
 def head(params: Params, config: ModelConfig, x: jax.Array) -> jax.Array:

@@ -1,6 +1,6 @@
-"""Trained drafter heads side by side under one training budget: EAGLE, Medusa and Hydra, each
-with the full vocabulary and with a reduced draft vocabulary, trained with the same data,
-steps and settings, then measured on the trainer's held-out prompts: tau of a k=4 chain and of
+"""Trained drafter heads side by side under one training budget: EAGLE-1, EAGLE-3, Medusa and
+Hydra, each with the full vocabulary and with a reduced draft vocabulary, trained with the
+same data, steps and settings, then measured on the trainer's held-out prompts: tau of a k=4 chain and of
 a dynamic tree, and tokens/s against plain decoding (interleaved passes, median).
 
     python scripts/compare_heads.py --model stories260K --steps 500 --draft-vocab 128 --out runs/heads
@@ -19,14 +19,15 @@ import jaxspec
 from jaxspec import drafters, trees
 from jaxspec.train import data
 
-HEADS = {"eagle": (drafters.Eagle, drafters.EagleHead), "medusa": (drafters.Medusa,
+HEADS = {"eagle": (drafters.Eagle, drafters.EagleHead), "eagle3": (drafters.Eagle,
+         drafters.EagleHead), "medusa": (drafters.Medusa,
          drafters.MedusaHeads), "hydra": (drafters.Hydra, drafters.HydraHeads)}
 
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--model", default="stories260K")
-  ap.add_argument("--kinds", default="eagle,medusa,hydra")
+  ap.add_argument("--kinds", default="eagle,eagle3,medusa,hydra")
   ap.add_argument("--steps", type=int, default=500)
   ap.add_argument("--draft-vocab", type=int, default=128)
   ap.add_argument("--out", default="runs/heads")
@@ -40,8 +41,9 @@ def main(argv=None) -> int:
     for dv in (None, a.draft_vocab):
       out = os.path.join(a.out, kind + ("" if dv is None else f"_v{dv}"))
       first = os.path.join(a.out, "eagle", "data")
-      if not os.path.exists(os.path.join(out, "data")) and os.path.exists(first):
-        shutil.copytree(first, os.path.join(out, "data"))  # the same data: generate it once
+      if (kind != "eagle3" and not os.path.exists(os.path.join(out, "data"))
+          and os.path.exists(first)):  # the same data: generate it once (EAGLE-3's also
+        shutil.copytree(first, os.path.join(out, "data"))  # holds its layers' outputs)
       stamp = os.path.join(out, "train_seconds.txt")
       if not os.path.exists(stamp):  # trained before: keep its wall-clock
         t0 = time.perf_counter()

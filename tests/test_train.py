@@ -60,6 +60,11 @@ def _reuse_data(runs, name):
 
 
 @pytest.fixture(scope="module")
+def eagle3_head(stories, runs):
+  return _train(stories, "eagle3", runs / "eagle3")
+
+
+@pytest.fixture(scope="module")
 def medusa_heads(stories, runs, eagle_head):
   _reuse_data(runs, "medusa")
   return _train(stories, "medusa", runs / "medusa")
@@ -76,24 +81,27 @@ def plain(stories):
   return jaxspec.generate(stories, PROMPTS, max_new_tokens=N_NEW, stop_tokens=())
 
 
-@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+HEADS = {"eagle": "eagle_head", "eagle3": "eagle3_head", "medusa": "medusa_heads"}
+
+
+@pytest.mark.parametrize("kind", ["eagle", "eagle3", "medusa"])
 def test_loss_falls_and_tau_rises(request, runs, kind):
-  head = request.getfixturevalue({"eagle": "eagle_head", "medusa": "medusa_heads"}[kind])
+  head = request.getfixturevalue(HEADS[kind])
   hist = _history(runs / kind)
   losses = [h["loss"] for h in hist if "loss" in h]
   taus = [(h["step"], h["tau"]) for h in hist if "tau" in h]
   assert losses[-1] < 0.8 * losses[0], losses
   assert [s for s, _ in taus] == [0, 30, 60]
   assert taus[-1][1] > taus[0][1] + 0.2, taus  # measured with the real engine, greedy
-  assert taus[-1][1] > {"eagle": 1.5, "medusa": 1.2}[kind]
+  assert taus[-1][1] > {"eagle": 1.5, "eagle3": 1.5, "medusa": 1.2}[kind]
   assert head.meta["tau"] == pytest.approx(taus[-1][1])
 
 
-@pytest.mark.parametrize("k", [1, 4])
-@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+@pytest.mark.parametrize("kind,k", [("eagle", 1), ("eagle", 4), ("eagle3", 4), ("medusa", 1),
+                                    ("medusa", 4)])
 def test_trained_greedy_equals_plain(request, stories, plain, kind, k):
-  if kind == "eagle":
-    d = drafters.Eagle(request.getfixturevalue("eagle_head"), k=k)
+  if kind.startswith("eagle"):
+    d = drafters.Eagle(request.getfixturevalue(HEADS[kind]), k=k)
   else:
     d = drafters.Medusa(request.getfixturevalue("medusa_heads"), k=k)
   out = jaxspec.generate(stories, PROMPTS, drafter=d, max_new_tokens=N_NEW, stop_tokens=())
@@ -189,20 +197,24 @@ def test_resume_is_bit_exact(stories, eagle_head, runs):
     _train(stories, "eagle", out, lr=1e-3)
 
 
-def test_head_checkpoints_round_trip(stories, plain, eagle_head, medusa_heads, runs, tmp_path):
+def test_head_checkpoints_round_trip(stories, plain, eagle_head, eagle3_head, medusa_heads, runs,
+                                    tmp_path):
   for head, cls, kind in [(eagle_head, drafters.EagleHead, "eagle"),
+                          (eagle3_head, drafters.EagleHead, "eagle3"),
                           (medusa_heads, drafters.MedusaHeads, "medusa")]:
     saved = cls.load(runs / kind)  # the run directory finds its drafter/
     _same(head.params, saved.params)
     assert saved.config == head.config and saved.meta["steps"] == STEPS
     path = head.save(tmp_path / kind)
     ckpt = checkpoint.load_head(path)
-    assert ckpt.kind == kind and ckpt.config == head.config
+    assert ckpt.kind == cls.KIND and ckpt.config == head.config
     _same(head.params, ckpt.params)
     _same(head.params, jaxspec.checkpoint.load_head(
         jaxspec.save_checkpoint(head, tmp_path / f"{kind}2")).params)
   # Loaded heads (and the CLI's eagle:DIR / medusa:DIR) draft like the originals.
+  assert eagle3_head.config.generation == 3 and eagle3_head.meta["trained_as"] == "eagle3"
   for spec, head in [(f"eagle:{runs / 'eagle'}", eagle_head),
+                     (f"eagle:{runs / 'eagle3'}", eagle3_head),
                      (f"medusa:{tmp_path / 'medusa'}", medusa_heads)]:
     d = parse_drafter(spec, k=4)
     assert isinstance(d, (drafters.Eagle, drafters.Medusa))

@@ -68,7 +68,7 @@ class Prefill:
   tparams: Any
   prompt: jax.Array  # [B, P] int32 (padded past each row's length)
   prompt_lens: jax.Array  # [B]
-  hidden: jax.Array  # [B, P, D] the target's features (residual stream before the final norm)
+  hidden: jax.Array  # [B, P, D] the target's features (`DrafterSpec.feature_layers`)
   cache_size: int = struct.field(pytree_node=False)  # slots of every per-row cache
 
 
@@ -134,7 +134,7 @@ class Accepted:
   n_new: jax.Array  # [B] committed tokens after this round
   n_acc: jax.Array  # [B] drafts accepted
   path: jax.Array  # [B, depth + 1] accepted node indices from the root (chains: 0 .. depth)
-  hidden: jax.Array  # [B, depth + 1, D] the target's features along the path
+  hidden: jax.Array  # [B, depth + 1, D] the target's features along the path (as Prefill's)
   tokens: jax.Array  # [B, T] what the target verified (pending + drafts, or tree nodes)
   logits: jax.Array  # [B, T, V] the verify pass's logits at those positions
 
@@ -156,6 +156,13 @@ class DrafterSpec:
   def draft_forwards(self) -> int:
     """Draft forward passes per round (for stats)."""
     return 0
+
+  @property
+  def feature_layers(self) -> tuple[int, ...]:
+    """Target layers whose outputs this drafter reads as its features (`Prefill.hidden`,
+    `Accepted.hidden`: their residual streams concatenated, [.., len * D]; EAGLE-3). () (the
+    default): the residual stream after the last layer, before the final norm."""
+    return ()
 
   @property
   def footprint(self) -> int:

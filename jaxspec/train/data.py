@@ -11,7 +11,8 @@ when training, so only tokens, lengths and features are stored:
 
     out_dir/data/tokens.npy  int32 [N, T]   prompt + generation, zero padded
     out_dir/data/lens.npy    int32 [N]      valid positions per row
-    out_dir/data/feats.npy   float32 [N, T, D]
+    out_dir/data/feats.npy   float32 [N, T, D], or [N, T, (n + 1) D] with n tapped layers
+                             (EAGLE-3: those layers' outputs, then the last layer's)
     out_dir/data/meta.json   what made them (reused when it matches)
 """
 
@@ -146,27 +147,32 @@ class Dataset:
             np.asarray(self.feats[idx], np.float32))
 
 
-def _hidden(params, cfg, ids):
+def _hidden(params, cfg, ids, taps=()):
+  """[B, T, D] the last layer's residual stream, after `taps` layers' outputs when given."""
   from jaxspec.models import forward
-  return forward(params, cfg, ids, logits=False).hidden.astype(jnp.float32)
+  out = forward(params, cfg, ids, logits=False, taps=taps)
+  x = out.hidden if not taps else jnp.concatenate([out.taps, out.hidden], axis=-1)
+  return x.astype(jnp.float32)
 
 
-_hidden_jit = jax.jit(_hidden, static_argnums=1)
+_hidden_jit = jax.jit(_hidden, static_argnums=(1, 3))
 
 
 def _features_fn(params, mesh):
-  """(params placed for the feature pass, fn(params, cfg, ids [B, T] host) -> [B, T, D] host).
-  On a mesh the target runs tensor parallel with its rows over "data", and the features come
-  back whole to every process."""
+  """(params placed for the feature pass, fn(params, cfg, ids [B, T] host, taps) -> [B, T, F]
+  host). On a mesh the target runs tensor parallel with its rows over "data", and the
+  features come back whole to every process."""
   if mesh is None:
-    return params, lambda p, cfg, ids: np.asarray(_hidden_jit(p, cfg, jnp.asarray(ids)))
+    return params, lambda p, cfg, ids, taps: np.asarray(
+        _hidden_jit(p, cfg, jnp.asarray(ids), taps))
   from jax.sharding import NamedSharding, PartitionSpec
 
   from jaxspec import sharding
-  fn = jax.jit(_hidden, static_argnums=1, out_shardings=NamedSharding(mesh, PartitionSpec()))
+  fn = jax.jit(_hidden, static_argnums=(1, 3),
+               out_shardings=NamedSharding(mesh, PartitionSpec()))
 
-  def run(p, cfg, ids):
-    return np.asarray(fn(p, cfg, sharding.place(ids, sharding.batch_sharding(ids, mesh))))
+  def run(p, cfg, ids, taps):
+    return np.asarray(fn(p, cfg, sharding.place(ids, sharding.batch_sharding(ids, mesh)), taps))
   return sharding.shard_params(params, mesh), run
 
 
@@ -179,9 +185,10 @@ def _fingerprint(prompts) -> str:
 
 def build(model, prompts: list[list[int]], folder: str, *, seq_len: int, samples: int,
           temperature: float, seed: int, gen_batch: int = 32, progress: bool = True,
-          mesh=None) -> Dataset:
+          mesh=None, taps: tuple[int, ...] = ()) -> Dataset:
   """Generates (or reuses) the self-distillation set for `prompts` in `folder`; on `mesh`, the
-  generation and the feature pass run sharded over it. Files go in place by atomic renames of
+  generation and the feature pass run sharded over it. `taps`: layers whose outputs the
+  features also hold (before the last layer's). Files go in place by atomic renames of
   per-process temporary files, so the processes of a multi-host job on one shared filesystem
   may all write the (identical) set."""
   from jaxspec.api import generate
@@ -191,6 +198,9 @@ def build(model, prompts: list[list[int]], folder: str, *, seq_len: int, samples
   meta = {"model": str(model.name), "dim": c.dim, "vocab": c.vocab_size, "layers": c.n_layers,
           "seq_len": seq_len, "samples": samples, "temperature": temperature, "seed": seed,
           "prompts": _fingerprint(prompts), "n_prompts": len(prompts), "version": 1}
+  taps = tuple(int(i) for i in taps)
+  if taps:
+    meta["taps"] = list(taps)
   meta_file = os.path.join(folder, "meta.json")
   files = {k: os.path.join(folder, f"{k}.npy") for k in ("tokens", "lens", "feats")}
   if os.path.exists(meta_file) and all(os.path.exists(f) for f in files.values()):
@@ -229,13 +239,13 @@ def build(model, prompts: list[list[int]], folder: str, *, seq_len: int, samples
 
   tmp = f".tmp{jax.process_index()}"
   feats = np.lib.format.open_memmap(files["feats"] + tmp, mode="w+", dtype=np.float32,
-                                    shape=(n, seq_len, c.dim))
+                                    shape=(n, seq_len, (len(taps) + 1) * c.dim))
   params, hidden = _features_fn(model.params, mesh)
   for i in range(0, n, gen_batch):
     ids = np.zeros((gen_batch, seq_len), np.int32)
     part = tokens[i:i + gen_batch]
     ids[:len(part)] = part
-    feats[i:i + len(part)] = hidden(params, c, ids)[:len(part)]
+    feats[i:i + len(part)] = hidden(params, c, ids, taps)[:len(part)]
   feats.flush()
   del feats
   os.replace(files["feats"] + tmp, files["feats"])

@@ -7,7 +7,9 @@ Every objective is a frozen dataclass (a jit static argument) with
   drafter(model, params, k) -> a jaxspec drafter  for the held-out tau during training
 
 Data: tokens [B, T], lens [B] (positions t < lens are valid), feats [B, T, D] (the target's
-features f_t); the target's distribution of x_{t+1} is softmax(head(f_t)).
+features f_t); the target's distribution of x_{t+1} is softmax(head(f_t)). An objective that
+reads several layers (`feature_layers`, EAGLE-3) gets feats [B, T, (n + 1) D]: those layers'
+outputs, then f_t.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxspec.drafters import eagle, hydra, medusa, vocab
-from jaxspec.models import Model, ModelConfig, forward, head, layout
+from jaxspec.models import KVCache, Model, ModelConfig, forward, head, layout
 
 
 def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -44,7 +46,16 @@ def _agree(target_logits: jax.Array, logits: jax.Array, ids=None) -> jax.Array:
   return (jnp.argmax(target_logits, -1) == top).astype(jnp.float32)
 
 
-class _Readout:
+class Objective:
+  """Declares what every objective may override."""
+
+  @property
+  def feature_layers(self) -> tuple[int, ...]:
+    """Target layers whose outputs the training data must hold besides the last one's."""
+    return ()
+
+
+class _Readout(Objective):
   """The draft side's readout: the target's head, or a reduced draft vocabulary `ids` (a
   static tuple of target ids, `drafters.vocab`; counted over the training data)."""
 
@@ -123,6 +134,84 @@ class EagleObjective(_Readout):
     return eagle.Eagle(eagle.EagleHead(params=self._with_ids(params), config=self.head), k=k)
 
 
+def ttt_mask(t: int, step: int, steps: int) -> jax.Array:
+  """[1, t, steps * t] bool: which cache slots position q of training-time-test step `step`
+  (0-based) sees, when step i's keys sit at slots i * t .. i * t + t - 1. As in the loop at
+  inference: the true-feature positions up to q - step (step 0's keys), then the one key of
+  each later step on the way to q (step i at position q - (step - i))."""
+  q = np.arange(t)[:, None]
+  slot = np.arange(steps * t)[None, :]
+  i, pos = slot // t, slot % t
+  see = ((i == 0) & (pos <= q - step)) | ((i >= 1) & (i <= step) & (pos == q - (step - i)))
+  return jnp.asarray(see[None])
+
+
+@dataclasses.dataclass(frozen=True)
+class Eagle3Objective(_Readout):
+  """EAGLE-3: the head reads a fusion of several target layers and learns tokens only (no
+  feature regression), by training-time test: step 0 reads the true features at every
+  position; step j reads, at position t, the head's own output of step j-1 at t-1 (what it
+  will feed itself when drafting), attending to true features up to t - j and to its own
+  earlier steps exactly as it will in the loop (`ttt_mask`). Each step's soft cross-entropy
+  against the target's distribution of x_{t+2} is weighted decay**j."""
+
+  target: ModelConfig
+  head: eagle.EagleConfig
+  ttt: int = 3  # training-time-test steps (drafting steps trained on the head's own output)
+  decay: float = 0.8
+  ids: tuple[int, ...] | None = None
+
+  @property
+  def feature_layers(self) -> tuple[int, ...]:
+    return self.head.feature_layers
+
+  def init(self, model: Model, seed: int):
+    return eagle.init_params(self.head, seed)
+
+  def unroll(self, params, tparams, taps, tokens) -> list[jax.Array]:
+    """The head's outputs [g_0 .. g_{ttt-1}], each [B, S-1, D]: g_j at position t is what the
+    loop computes at the j-th drafting step of a round whose root sits at t - j (true
+    features below it, its own outputs after), when the drafted tokens are x_{t-j+1} ..."""
+    b, s = tokens.shape
+    t = s - 1  # positions 0 .. s-2 read (f_t, x_{t+1})
+    nxt = tokens[:, 1:]
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+    cache = KVCache.init(self.head.decoder, b, self.ttt * t, jnp.float32)
+    f = eagle.fuse(params, self.head, taps[:, :-1])  # [B, t, D]
+    out = []
+    for j in range(self.ttt):
+      g, cache = eagle.step(params, tparams, self.head, f, nxt, cache, positions=pos,
+                            attn_mask=ttt_mask(t, j, self.ttt), attn_chunk=cache.size)
+      out.append(g)
+      f = jnp.concatenate([jnp.zeros_like(g[:, :1]), g[:, :-1]], axis=1)  # g_{t-1} at t
+    return out
+
+  def loss(self, params, tparams, tokens, lens, feats, key):
+    d = self.target.dim
+    taps, last = feats[..., :-d], feats[..., -d:]
+    tl = jax.lax.stop_gradient(head(tparams, self.target, last[:, 1:]))  # x_{t+2} [B, S-1, V]
+    readout, ids = self._draft_readout(tparams)
+    pos = jnp.arange(tokens.shape[1] - 1)[None, :]
+    valid = pos + 1 < lens[:, None]
+    total, weights, metrics = 0.0, 0.0, {}
+    for j, g in enumerate(self.unroll(params, tparams, taps, tokens)):
+      dl = readout(g.astype(jnp.float32))
+      mask = valid & (pos >= j)  # a whole chain of j steps behind position t
+      total += self.decay ** j * _masked_mean(_soft_ce(tl, dl, ids), mask)
+      weights += self.decay ** j
+      metrics[f"acc{j}"] = _masked_mean(_agree(tl, dl, ids), mask)
+    loss = total / weights
+    metrics.update(loss=loss, acc=metrics["acc0"])
+    return loss, metrics
+
+  def result(self, model: Model, params, meta):
+    return eagle.EagleHead(params=self._with_ids(params), config=self.head,
+                           name=f"{model.name}-eagle3", meta=meta)
+
+  def drafter(self, model: Model, params, k: int):
+    return eagle.Eagle(eagle.EagleHead(params=self._with_ids(params), config=self.head), k=k)
+
+
 @dataclasses.dataclass(frozen=True)
 class MedusaObjective(_Readout):
   """Head i: cross-entropy against the target's distribution of x_{t+2+i}, weighted decay**i."""
@@ -188,7 +277,7 @@ class HydraObjective(MedusaObjective):
 
 
 @dataclasses.dataclass(frozen=True)
-class DistillObjective:
+class DistillObjective(Objective):
   """DistillSpec: token-level KL(target || draft) on the target's own generations."""
 
   target: ModelConfig
@@ -231,6 +320,16 @@ def make(kind: str, model: Model, *, k: int, layers: int | None = None, ids=None
   if kind == "eagle":
     return EagleObjective(c, eagle.EagleConfig(c, layers=layers or 1, draft_vocab=n), ids=ids,
                           **opts)
+  if kind == "eagle3":
+    taps = opts.pop("feature_layers", None)
+    taps = (eagle.eagle3_layers(c.n_layers) if taps is None
+            else eagle.check_feature_layers(taps, c.n_layers))
+    ttt = opts.get("ttt", 3)
+    if isinstance(ttt, bool) or not isinstance(ttt, int) or not 1 <= ttt <= 16:
+      raise ValueError(f"ttt (training-time-test steps) must be an integer in [1, 16], got "
+                       f"{ttt!r}")
+    return Eagle3Objective(c, eagle.EagleConfig(c, layers=layers or 1, draft_vocab=n,
+                                                feature_layers=taps), ids=ids, **opts)
   if kind == "medusa":
     return MedusaObjective(c, medusa.MedusaConfig(c, n_heads=k, layers=layers or 1,
                                                   draft_vocab=n), ids=ids, **opts)
@@ -238,7 +337,8 @@ def make(kind: str, model: Model, *, k: int, layers: int | None = None, ids=None
     return HydraObjective(c, hydra.HydraConfig(c, n_heads=k, layers=layers or 1,
                                                draft_vocab=n), ids=ids, **opts)
   if ids is not None:
-    raise ValueError(f"draft_vocab applies to kind 'eagle', 'medusa' and 'hydra'; a {kind!r} drafter is "
+    raise ValueError(f"draft_vocab applies to kinds 'eagle', 'eagle3', 'medusa' and 'hydra'; a "
+                     f"{kind!r} drafter is "
                      f"a model: give it a reduced vocabulary at drafting time, "
                      f"DraftModel(model, vocab=N)")
   if kind == "distill":
@@ -246,5 +346,5 @@ def make(kind: str, model: Model, *, k: int, layers: int | None = None, ids=None
     if not 1 <= n < c.n_layers:
       raise ValueError(f"distill needs 1 <= layers < {c.n_layers} (the target's depth), got {n}")
     return DistillObjective(c, dataclasses.replace(c, n_layers=n), **opts)
-  raise ValueError(f"unknown drafter kind {kind!r}: expected 'eagle', 'medusa', 'hydra' or "
-                   f"'distill'")
+  raise ValueError(f"unknown drafter kind {kind!r}: expected 'eagle', 'eagle3', 'medusa', 'hydra' "
+                   f"or 'distill'")

@@ -195,7 +195,7 @@ def held_out_tau(obj, model: Model, params, prompts, *, k: int, max_new_tokens: 
 
 # ------------------------------------------------------------------------------------ train
 
-KINDS = ("eagle", "medusa", "hydra", "distill")
+KINDS = ("eagle", "eagle3", "medusa", "hydra", "distill")
 # train_drafter's arguments that `jaxspec train-drafter` sets, by their command-line flags: the
 # command prints errors about them with the flag (`--batch-size`, not `batch_size`).
 FLAGS = {"kind": "--kind", "out_dir": "--out", "steps": "--steps", "data": "--data", "k": "--k",
@@ -218,8 +218,8 @@ def _check_arguments(model: Model, a: dict) -> None:
   if not isinstance(model, Model):
     raise TypeError(f"model must be a jaxspec Model, got {type(model).__name__}")
   if a["kind"] not in KINDS:
-    raise ValueError(f"unknown drafter kind {a['kind']!r}: expected 'eagle', 'medusa', "
-                     f"'hydra' or 'distill'")
+    raise ValueError(f"unknown drafter kind {a['kind']!r}: expected one of "
+                     f"{', '.join(map(repr, KINDS))}")
   ints = {"steps": 1, "batch_size": 1, "seq_len": 2, "samples_per_prompt": 1, "eval_tokens": 1,
           "eval_prompts": 0}
   optional_ints = {"eval_every": 0, "layers": 1, "warmup": 0, "num_prompts": 1, "save_every": 1,
@@ -317,10 +317,11 @@ def train_drafter(model: Model, *, kind: str = "eagle", out_dir: str, steps: int
   """Trains a drafter for `model` by self-distillation and saves it to `out_dir/drafter`.
 
   Args:
-    kind: "eagle" (feature drafter, returns an `EagleHead`), "medusa" (k heads, returns
-      `MedusaHeads`), "hydra" (k heads, each reading the token drafted before it, returns
-      `HydraHeads`) or "distill" (a small draft model from the target's first `layers`
-      layers, returns a `jaxspec.Model` for `drafters.DraftModel`).
+    kind: "eagle" (feature drafter, returns an `EagleHead`), "eagle3" (an `EagleHead` that
+      reads low, middle and high target layers, trained with training-time test), "medusa"
+      (k heads, returns `MedusaHeads`), "hydra" (k heads, each reading the token drafted
+      before it, returns `HydraHeads`) or "distill" (a small draft model from the target's
+      first `layers` layers, returns a `jaxspec.Model` for `drafters.DraftModel`).
     out_dir: holds the data cache (data/), Orbax training checkpoints (state/), the run's
       settings and loss/tau history, and the trained drafter (drafter/).
     steps: optimizer steps (batches of `batch_size` sequences of `seq_len` tokens).
@@ -347,7 +348,8 @@ def train_drafter(model: Model, *, kind: str = "eagle", out_dir: str, steps: int
       summation order the losses are those of one device. Checkpoints hold whole arrays
       (Orbax), so a run resumes on any mesh or on none. None: one device.
     objective_options: kind-specific loss settings (eagle: reg_weight, ce_weight, noise;
-      medusa: decay).
+      eagle3: feature_layers (default `drafters.eagle.eagle3_layers`), ttt (training-time-test
+      steps, default 3), decay; medusa: decay).
   """
   from tqdm.auto import tqdm
 
@@ -359,7 +361,8 @@ def train_drafter(model: Model, *, kind: str = "eagle", out_dir: str, steps: int
       eval_tokens=eval_tokens, save_every=save_every, callback=callback,
       draft_vocab=draft_vocab, mesh=mesh))
   steps, batch_size, seq_len, k, seed = int(steps), int(batch_size), int(seq_len), int(k), int(seed)
-  objectives.make(kind, model, k=k, layers=layers, **objective_options)  # checks the options
+  taps = objectives.make(kind, model, k=k, layers=layers,  # checks the options
+                         **objective_options).feature_layers
   warmup = max(1, steps // 20) if warmup is None else warmup
   hyper = Hyper(steps=steps, lr=float(lr), warmup=int(warmup), weight_decay=float(weight_decay),
                 clip=float(clip))
@@ -397,7 +400,7 @@ def train_drafter(model: Model, *, kind: str = "eagle", out_dir: str, steps: int
   os.makedirs(out_dir, exist_ok=True)
   ds = data_lib.build(model, train_p, os.path.join(out_dir, DATA_DIR), seq_len=seq_len,
                       samples=samples_per_prompt, temperature=temperature, seed=seed,
-                      progress=progress, mesh=mesh)
+                      progress=progress, mesh=mesh, taps=taps)
   ids = None if draft_vocab is None else draft_ids(model, ds, int(draft_vocab))
   obj = objectives.make(kind, model, k=k, layers=layers, ids=ids, **objective_options)
   # The run starts here: only now are its settings recorded (a run that failed or was stopped
@@ -497,7 +500,8 @@ def train_drafter(model: Model, *, kind: str = "eagle", out_dir: str, steps: int
 
   losses = [h for h in history if "loss" in h]
   taus = [h for h in history if "tau" in h]
-  meta = {"kind": kind, "target": str(model.name), "steps": steps, "seed": seed,
+  meta = {"kind": "eagle" if kind == "eagle3" else kind,  # the checkpoint's (drafter) kind
+          "trained_as": kind, "target": str(model.name), "steps": steps, "seed": seed,
           "final_loss": losses[-1]["loss"] if losses else None,
           "tau": taus[-1]["tau"] if taus else None, "tau_k": k,
           "train_seconds": round(time.perf_counter() - t0, 1)}
