@@ -145,7 +145,6 @@ def load_transformers(source: str, model=None, *, n_layers: int | None = None):
   source = fetch.resolve(source)
   fmt = detect_format(source)
   if fmt == "hf" and n_layers is None:
-    import torch
     import transformers
 
     m = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=_torch_dtype(model))

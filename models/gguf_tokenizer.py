@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .tokenizer import bytes_to_unicode
+
 # llama.cpp token types (`tokenizer.ggml.token_type`).
 CONTROL, USER_DEFINED = 3, 4
 
@@ -45,20 +47,6 @@ KINDS = ("gpt2", "llama")
 _GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-  """GPT-2's printable spelling of every byte."""
-  bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-      range(ord("®"), ord("ÿ") + 1))
-  cs = bs[:]
-  n = 0
-  for b in range(256):
-    if b not in bs:
-      bs.append(b)
-      cs.append(256 + n)
-      n += 1
-  return dict(zip(bs, map(chr, cs)))
-
-
 def _merges_from_scores(tokens: Sequence[str], scores: Sequence[float]) -> list[tuple[str, str]]:
   """SentencePiece vocabularies store scores, not merges: every split of a token into two
   tokens is a merge, best score first (transformers' `generate_merges`)."""
@@ -81,7 +69,7 @@ def _byte_level(tokens, merges, pre, path):
                      f"{', '.join(sorted(PRE_TOKENIZERS))})")
   if merges is None:
     raise ValueError(f"{path}: GGUF byte-level BPE tokenizer has no tokenizer.ggml.merges")
-  spelling = _bytes_to_unicode()
+  spelling = bytes_to_unicode()
   alphabet = set(spelling.values())
   vocab = {}
   for i, t in enumerate(tokens):  # tokens outside the byte alphabet are spelled byte by byte

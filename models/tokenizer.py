@@ -8,6 +8,7 @@ Every tokenizer has the same small surface: `encode(text) -> list[int]`, `decode
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +42,29 @@ def render_chat_template(template: str, messages: Sequence[dict[str, str]], *,
   env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
   return env.from_string(template).render(
       messages=list(messages), add_generation_prompt=add_generation_prompt, **extra)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+  """GPT-2's printable spelling of every byte (how byte-level BPE vocabularies store bytes)."""
+  bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1)) + list(
+      range(ord("\u00ae"), ord("\u00ff") + 1))
+  cs = bs[:]
+  n = 0
+  for b in range(256):
+    if b not in bs:
+      bs.append(b)
+      cs.append(256 + n)
+      n += 1
+  return dict(zip(bs, map(chr, cs)))
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte-fallback pieces
+
+
+def _piece_bytes(piece: str) -> bytes:
+  """A SentencePiece-style piece as text bytes: `<0xNN>` is byte NN, U+2581 a space."""
+  m = _BYTE_PIECE.fullmatch(piece)
+  return bytes([int(m.group(1), 16)]) if m else piece.replace("\u2581", " ").encode("utf-8")
 
 
 class Tokenizer:
@@ -84,6 +108,12 @@ class Tokenizer:
 
   def _template_vars(self) -> dict[str, Any]:
     return {}
+
+  def token_bytes(self) -> list[bytes | None]:
+    """The text bytes each token id stands for (byte-fallback pieces are their byte, a
+    SentencePiece word boundary a space); None for control and special tokens, which stand
+    for no text. Cross-vocabulary drafting builds its translation tables from this."""
+    raise TypeError(f"{type(self).__name__} does not list its tokens' bytes")
 
   def save(self, folder: str) -> dict[str, Any]:
     """Writes the files this tokenizer needs into `folder` and returns a JSON-safe description;
@@ -140,6 +170,11 @@ class SentencePieceTokenizer(Tokenizer):
   def _encode(self, text: str) -> list[int]:
     return list(self._sp.EncodeAsIds(text)) if text else []
 
+  def token_bytes(self) -> list[bytes | None]:
+    sp = self._sp
+    return [None if sp.IsControl(i) or sp.IsUnknown(i) else _piece_bytes(sp.IdToPiece(i))
+            for i in range(sp.GetPieceSize())]
+
   def save(self, folder: str) -> dict[str, Any]:
     import os
 
@@ -187,6 +222,28 @@ class HFTokenizer(Tokenizer):
   def _encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids
 
+  def token_bytes(self) -> list[bytes | None]:
+    import json
+
+    spec = json.loads(self._tok.to_str())
+    text = json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
+    byte_level = '"ByteLevel"' in text  # pieces spell bytes as GPT-2's printable characters
+    unspell = {c: b for b, c in bytes_to_unicode().items()}
+    added = self._tok.get_added_tokens_decoder()  # {id: AddedToken}
+    out: list[bytes | None] = []
+    for i in range(self.vocab_size):
+      if i in added:  # added tokens are stored as their text
+        out.append(None if added[i].special else added[i].content.encode("utf-8"))
+        continue
+      piece = self._tok.id_to_token(i)
+      if piece is None:
+        out.append(None)
+      elif byte_level and all(c in unspell for c in piece):
+        out.append(bytes(unspell[c] for c in piece))
+      else:
+        out.append(_piece_bytes(piece))
+    return out
+
   def decode(self, ids: Sequence[int]) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
@@ -229,6 +286,9 @@ class ByteTokenizer(Tokenizer):
 
   def _encode(self, text: str) -> list[int]:
     return [b + 3 for b in text.encode("utf-8")]
+
+  def token_bytes(self) -> list[bytes | None]:
+    return [bytes([i - 3]) if 3 <= i < 259 else None for i in range(self.vocab)]
 
   def save(self, folder: str) -> dict[str, Any]:
     return {"type": "bytes", "vocab": self.vocab, "bos_id": self.bos_id,

@@ -8,7 +8,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxspec import sampling
+from jaxspec.models import KVCache
 from jaxspec.sampling import SamplingMode, SamplingParams
+
+from .base import last_tokens
 
 INVALID = -1  # a draft slot left empty: never accepted, verification stops there
 
@@ -50,3 +53,28 @@ def draft_chain(step: Callable, carry, first_logits: jax.Array, k: int, key: jax
   tokens = jnp.concatenate([tok[:, None], toks.T], axis=1)  # [B, k]
   probs = None if q is None else jnp.concatenate([q[:, None], jnp.swapaxes(qs, 0, 1)], axis=1)
   return carry, tokens, probs
+
+
+CATCH_UP = (64, 8)  # tokens per draft forward when the draft catches up after plain rounds:
+# 64 at a time while a row is that far behind (a wide forward costs far less per token on CPU),
+# then 8
+
+
+def catch_up(feed, cache: KVCache, seq: jax.Array, valid: jax.Array, goal: jax.Array) -> KVCache:
+  """Feeds seq[valid:goal] ([B, L] tokens, [B] bounds) into a draft cache in chunks
+  (`CATCH_UP`); `feed(tokens [B, c], cache rewound to the chunk's start) -> cache`. Chunks may
+  run past `goal` into slots that are rewritten before anything attends to them."""
+  carry = (cache, jnp.minimum(valid, goal))
+  for i, c in enumerate(CATCH_UP):
+    last = i == len(CATCH_UP) - 1
+
+    def cond(x, c=c, last=last):  # the last size runs until every row is done
+      return jnp.any(x[1] < goal) if last else jnp.any(x[1] + c <= goal)
+
+    def body(x, c=c):
+      cache, start = x
+      toks = last_tokens(seq, start + c, c)  # [B, c] = seq[start : start + c]
+      return feed(toks, cache.rewind(start)), jnp.minimum(start + c, goal)
+
+    carry = jax.lax.while_loop(cond, body, carry)
+  return carry[0]

@@ -1,4 +1,4 @@
-"""`DraftModel`: an independent smaller model with the same tokenizer and its own KV cache."""
+"""`DraftModel`: an independent smaller model with its own KV cache (its own tokenizer: `cross_vocab`)."""
 
 from __future__ import annotations
 
@@ -6,19 +6,15 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from jaxspec.models import KVCache, Model, ModelConfig, forward, head
 
-from . import registry, vocab
+from . import cross_vocab, registry, translate, vocab
 from .base import Accepted, Drafter, DrafterSpec, Prefill, Proposal, Round, last_tokens
-from .chain import draft_chain
+from .chain import catch_up, draft_chain
 from .tree_draft import grow
-
-
-CATCH_UP = (64, 8)  # tokens per draft forward when the draft catches up after plain rounds:
-# 64 at a time while a row is that far behind (a wide forward costs far less per token on CPU),
-# then 8
 
 
 @struct.dataclass
@@ -59,26 +55,11 @@ class DraftModelSpec(DrafterSpec):
     return DraftState(cache=cache, valid=p.prompt_lens.astype(jnp.int32), node_slot=node_slot)
 
   def _catch_up(self, params, st: DraftState, r: Round) -> KVCache:
-    """Feeds the committed tokens the draft missed (plain rounds do not run it) in chunks
-    (`CATCH_UP`), until every row's cache holds seq[:n - 2]. Chunks may run past n - 2 into
-    slots that the root and the drafts overwrite before anything attends to them."""
-    goal = r.n - 2  # [B]
-    carry = (st.cache, jnp.minimum(st.valid, goal))
-    for i, c in enumerate(CATCH_UP):
-      last = i == len(CATCH_UP) - 1
-
-      def cond(x, c=c, last=last):  # the last size runs until every row is done
-        return jnp.any(x[1] < goal) if last else jnp.any(x[1] + c <= goal)
-
-      def body(x, c=c):
-        cache, start = x
-        toks = last_tokens(r.seq, start + c, c)  # [B, c] = seq[start : start + c]
-        cache = forward(params["model"], self.draft, toks, cache.rewind(start),
-                        logits=False).cache
-        return cache, jnp.minimum(start + c, goal)
-
-      carry = jax.lax.while_loop(cond, body, carry)
-    return carry[0]
+    """Feeds the committed tokens the draft missed (plain rounds do not run it) until every
+    row's cache holds seq[:n - 2] (`_root` re-feeds the last two)."""
+    def feed(toks, cache):
+      return forward(params["model"], self.draft, toks, cache, logits=False).cache
+    return catch_up(feed, st.cache, r.seq, st.valid, r.n - 2)
 
   def _root(self, params, cache: KVCache, r: Round):
     # The draft cache holds seq[:n - 2] (after a fully accepted round the final draft token was
@@ -126,11 +107,16 @@ class DraftModelSpec(DrafterSpec):
 
 
 @registry.register("draft", usage="draft:SRC[@N]",
-                   help="an independent smaller model with the target's tokenizer "
+                   help="an independent smaller model (another tokenizer is translated) "
                         "(@N: draft over N token ids, see drafters.vocab)")
 @dataclasses.dataclass(frozen=True, eq=False)
 class DraftModel(Drafter):
-  """Drafts with a separate (smaller) model that shares the target's tokenizer.
+  """Drafts with a separate (smaller) model.
+
+  With the target's tokenizer the draft reads and proposes the target's own ids. With another
+  tokenizer (any vocabulary, e.g. SmolLM2 drafting for Qwen2.5) it reads the committed text
+  re-spelled in its own ids and proposes only tokens that are one token in both vocabularies
+  (`cross_vocab`, tables from `translate`); still lossless, chains and trees, in the loop.
 
   Args:
     draft_model: a `jaxspec.Model` (e.g. from `jaxspec.load_model`).
@@ -161,21 +147,56 @@ class DraftModel(Drafter):
 
   def bind(self, target: Model):
     d, t = self.draft_model.config, target.config
-    if d.vocab_size != t.vocab_size:
-      raise ValueError(f"draft and target vocabularies differ: draft {self.draft_model.name!r} "
-                       f"has {d.vocab_size} tokens, target {target.name!r} has {t.vocab_size}; "
-                       f"a draft model must share the target's tokenizer")
     dt, tt = self.draft_model.tokenizer, target.tokenizer
-    if dt is not None and tt is not None:
-      probe = "Hello world 123, ça va? 你好"
-      if dt.encode(probe) != tt.encode(probe) or tuple(dt.eos_ids) != tuple(tt.eos_ids):
-        raise ValueError(f"draft {self.draft_model.name!r} and target {target.name!r} have the "
-                         f"same vocabulary size but different tokenizers")
+    if d.vocab_size != t.vocab_size or (dt is not None and tt is not None and not _same(dt, tt)):
+      return self._bind_cross(target)
     spec = DraftModelSpec(k=self.k, target=t, draft=d, tree=self.tree,
                           stop_below=self.stop_below)
     model = self.draft_model.params
     vp = None if self._ids is None else vocab.params(model, d, self._ids)
     return spec, {"model": model, "vocab": vp}
+
+  def _bind_cross(self, target: Model):
+    """A draft with another tokenizer: `cross_vocab` (tables built once per target tokenizer)."""
+
+    dm = self.draft_model
+    if dm.tokenizer is None or target.tokenizer is None:
+      which = "draft" if dm.tokenizer is None else "target"
+      raise ValueError(f"draft {dm.name!r} and target {target.name!r} have different "
+                       f"vocabularies ({dm.config.vocab_size} and {target.config.vocab_size} "
+                       f"tokens) and the {which} has no tokenizer to translate between them")
+    memo = self.__dict__.setdefault("_tables", {})
+    key = id(target.tokenizer)
+    if key not in memo:
+      try:
+        memo[key] = (target.tokenizer, translate.build(target.tokenizer, dm.tokenizer,
+                                                       target.config.vocab_size,
+                                                       dm.config.vocab_size))
+      except TypeError as e:
+        raise ValueError(f"cannot translate between draft {dm.name!r} and target "
+                         f"{target.name!r}: {e}") from e
+    tabs = memo[key][1]
+    pd, pt = tabs.pair_draft, tabs.pair_target
+    if self._ids is not None:  # a reduced draft vocabulary: its ids within the intersection
+      keep = np.isin(pd, self._ids)
+      pd, pt = pd[keep], pt[keep]
+    tt = target.tokenizer
+    if not np.isin(pt, [tt.bos_id, *tt.eos_ids], invert=True).any():
+      raise ValueError(f"draft {dm.name!r} and target {target.name!r} share no token (no draft "
+                       f"token is one target token with the same text), so the draft cannot "
+                       f"propose anything")
+    spec = cross_vocab.CrossVocabSpec(
+        k=self.k, target=target.config, draft=dm.config, tree=self.tree,
+        stop_below=self.stop_below, expansion=round(tabs.expansion, 3), prepend=tabs.prepend,
+        target_bos=tt.bos_id, lead=bool((tabs.lead != tabs.spell).any()))
+    to_draft = np.zeros(target.config.vocab_size, np.int32)
+    to_draft[pt] = pd
+    head = vocab.params(dm.params, dm.config, pd)
+    head["ids"] = jnp.asarray(pt)
+    tables = {"spell": tabs.spell, "spell_len": tabs.spell_len, "lead": tabs.lead,
+              "lead_len": tabs.lead_len, "to_draft": to_draft}
+    return spec, {"model": dm.params, "head": head,
+                  "tables": jax.tree.map(jnp.asarray, tables)}
 
   def draft_forward(self, target):
     return self.draft_model.params, self.draft_model.config, None
@@ -192,3 +213,12 @@ class DraftModel(Drafter):
     model = jaxspec.load_model(src)
     return cls(model, k=k, tree=registry.dynamic_tree(tree, k),
                vocab=None if size is None else int(size))
+
+
+def _same(a, b) -> bool:
+  """Whether two tokenizers give the same ids (a probe text and the end-of-sequence ids)."""
+  if a is b:
+    return True
+  probe = "Hello world 123, ça va? 你好\n\tdef f(x): return x**2  # done."
+  return (a.encode(probe) == b.encode(probe) and tuple(a.eos_ids) == tuple(b.eos_ids)
+          and a.vocab_size == b.vocab_size)
