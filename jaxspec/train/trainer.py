@@ -186,10 +186,12 @@ def _write_json(path: str, obj) -> None:
 
 def held_out_tau(obj, model: Model, params, prompts, *, k: int, max_new_tokens: int,
                  mesh=None) -> float:
-  """Greedy tau of the current drafter on held-out prompts, measured by the real engine."""
+  """Greedy tau of the current drafter on held-out prompts, measured by the real engine. Every
+  round speculates: under `speculate="auto"` a drafter that does not yet pay for itself would
+  fall back to plain rounds, which count as tau 1 and hide what the head has learned."""
   from jaxspec.api import generate
   out = generate(model, prompts, drafter=obj.drafter(model, params, k),
-                 max_new_tokens=max_new_tokens, stop_tokens=(), mesh=mesh)
+                 max_new_tokens=max_new_tokens, stop_tokens=(), mesh=mesh, speculate="always")
   return float(out.stats.mean_accepted)
 
 
