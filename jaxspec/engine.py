@@ -35,7 +35,11 @@ MAX_STOP = 8  # stop-token slots per row (padded with -1)
 
 # Inputs.mode: what the speculation switch does this call (a traced value: no recompiles).
 MODE_AUTO, MODE_PLAIN, MODE_SPECULATE = 0, 1, 2
-TAU_DECAY = 0.5  # weight of the newest round in each row's running tau
+TAU_DECAY = 0.2  # weight of the newest round in each row's running tau. 0.5 let two short
+# rounds of a good drafter (k=4 at 80% per-token acceptance, tau 3.4, ratio 2.6) send it to
+# plain rounds for dozens of tokens: simulated (scripts/switch_sim.py) 1.06x plain over 256
+# tokens where always speculating gives 1.29x; 0.2 gives 1.15x and costs a useless drafter
+# 1-2% more than 0.5 (docs/performance.md, "The switch's running tau")
 PROBE_GAP, MAX_PROBE_GAP = 8, 64  # plain rounds between probes of speculation (doubling)
 PROBE_BUDGET = 0.05  # failed probes may cost at most this share of the plain rounds between them
 
