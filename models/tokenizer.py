@@ -80,6 +80,12 @@ class Tokenizer:
   def vocab_size(self) -> int:
     raise NotImplementedError
 
+  @property
+  def unk_id(self) -> int | None:
+    """The id that stands for text without a token of its own (None: there is none, or bytes
+    fall back to byte tokens)."""
+    return None
+
   def _encode(self, text: str) -> list[int]:
     raise NotImplementedError
 
@@ -166,6 +172,11 @@ class SentencePieceTokenizer(Tokenizer):
   @property
   def vocab_size(self) -> int:
     return self._sp.GetPieceSize()
+
+  @property
+  def unk_id(self) -> int | None:
+    unk = self._sp.unk_id()
+    return int(unk) if unk >= 0 else None
 
   def _encode(self, text: str) -> list[int]:
     return list(self._sp.EncodeAsIds(text)) if text else []

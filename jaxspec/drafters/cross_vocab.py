@@ -58,6 +58,9 @@ class CrossVocabSpec(DrafterSpec):
     return self.k
 
   def capacity(self, cache_size: int) -> int:
+    """Draft-sequence slots for `cache_size` target tokens at this pair's expansion, with a
+    margin, within the draft's context (a row that outgrows it drafts from a context cut
+    there, which costs acceptance only)."""
     c = int(-(-cache_size * max(1.0, self.expansion) * 1.25 // 1)) + 8
     return max(4, min(c, self.draft.max_seq_len))
 

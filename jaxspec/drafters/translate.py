@@ -26,7 +26,6 @@ their text; the draft never proposes an unpaired special token.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 
@@ -43,15 +42,6 @@ class Tables:
   pair_target: np.ndarray  # [N] int32 the target id each of them is
   prepend: int | None  # a draft BOS to put before every translated prompt
   expansion: float  # draft tokens per target token on jaxspec's built-in prompts
-
-  @property
-  def width(self) -> int:
-    return self.spell.shape[1]
-
-  def capacity(self, target_slots: int) -> int:
-    """Draft-sequence slots for `target_slots` target tokens at this pair's expansion (with a
-    margin; a row that outgrows it drafts from a context cut there, which costs acceptance only)."""
-    return int(math.ceil(target_slots * max(1.0, self.expansion) * 1.25)) + 8
 
 
 def lookup(token_bytes: list[bytes | None]) -> tuple[dict[bytes, int], int]:
@@ -79,13 +69,6 @@ def spell_bytes(b: bytes, table: dict[bytes, int], longest: int, unk: int | None
         out.append(unk)
       i += 1
   return out
-
-
-def _unk(tok) -> int | None:
-  sp = getattr(tok, "_sp", None)
-  if sp is not None and sp.unk_id() >= 0:
-    return int(sp.unk_id())
-  return None
 
 
 def _rows(spellings: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -119,7 +102,7 @@ def build(target_tok, draft_tok, target_vocab: int, draft_vocab: int) -> Tables:
   db += [None] * (draft_vocab - len(db))
   dtable, longest = lookup(db)
   ttable, _ = lookup(tb)
-  unk = _unk(draft_tok)
+  unk = draft_tok.unk_id
 
   # role pairs target id -> draft id: BOS, every EOS to the draft's first, equal special text
   roles: dict[int, int] = {}
@@ -128,13 +111,12 @@ def build(target_tok, draft_tok, target_vocab: int, draft_vocab: int) -> Tables:
   if draft_tok.eos_ids:
     for e in target_tok.eos_ids:
       roles.setdefault(e, draft_tok.eos_ids[0])
-  dspecial = getattr(draft_tok, "special_tokens", {}) or {}
-  for text, t in (getattr(target_tok, "special_tokens", {}) or {}).items():
+  dspecial = draft_tok.special_tokens
+  for text, t in target_tok.special_tokens.items():
     if text in dspecial:
       roles.setdefault(t, dspecial[text])
   roles = {t: d for t, d in roles.items() if t < target_vocab and d < draft_vocab}
-  tspecial = getattr(target_tok, "special_tokens", {}) or {}
-  special_text = {t: text.encode("utf-8") for text, t in tspecial.items()}
+  special_text = {t: text.encode("utf-8") for text, t in target_tok.special_tokens.items()}
 
   spell, lead = [], []
   dummy = draft_tok.encode("a", add_bos=False)
