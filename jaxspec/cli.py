@@ -41,6 +41,8 @@ TRAIN_EXAMPLES = """examples:
   jaxspec generate "Once upon a time" --drafter eagle:runs/eagle --k 4
   jaxspec train-drafter --kind medusa --out runs/medusa --steps 500 --k 4
   jaxspec train-drafter --kind hydra --out runs/hydra --steps 500 --k 4 --draft-vocab 256
+  jaxspec train-drafter --kind adapter --layers 1 --out runs/adapter --steps 500
+  jaxspec generate "Once upon a time" --drafter kangaroo:runs/adapter --k 4
   jaxspec train-drafter --kind distill --layers 2 --out runs/small --steps 500
   jaxspec generate "Once upon a time" --drafter draft:runs/small/drafter
   jaxspec train-drafter --model path/to/hf_dir --kind eagle --data prompts.jsonl --out runs/x
@@ -134,7 +136,7 @@ def cmd_run(a) -> int:
 
 
 def cmd_train_drafter(a) -> int:
-  """Trains an EAGLE / Medusa / distilled drafter and prints how to use it."""
+  """Trains an EAGLE / Medusa / Hydra / Kangaroo / distilled drafter and prints how to use it."""
   import jaxspec
   from jaxspec import sharding
 
@@ -147,7 +149,7 @@ def cmd_train_drafter(a) -> int:
         if getattr(a, key) is not None}
   jaxspec.train.train_drafter(model, kind=a.kind, out_dir=a.out, steps=a.steps, data=a.data,
                               resume=not a.no_resume, mesh=mesh, **kw)
-  family = {"distill": "draft", "eagle3": "eagle"}.get(a.kind, a.kind)
+  family = {"distill": "draft", "eagle3": "eagle", "adapter": "kangaroo"}.get(a.kind, a.kind)
   use = f"{family}:{a.out}" + ("/drafter" if a.kind == "distill" else "")
   print(f"drafter saved to {a.out}/drafter; use it with --drafter {use}")
   return 0
@@ -193,11 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
   from jaxspec import run
   run.add_arguments(r)
   r.set_defaults(fn=cmd_run)
-  t = sub.add_parser("train-drafter", help="train an EAGLE / Medusa / Hydra / distilled drafter",
+  t = sub.add_parser("train-drafter", help="train an EAGLE / Medusa / Hydra / Kangaroo / distilled drafter",
                      epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
   t.add_argument("--model", default="stories260K", help="the target model (as for generate)")
   t.add_argument("--kind", required=True,
-                 choices=["eagle", "eagle3", "medusa", "hydra", "distill"])
+                 choices=["eagle", "eagle3", "medusa", "hydra", "adapter", "distill"])
   t.add_argument("--out", required=True, help="run directory (data, checkpoints, drafter/)")
   t.add_argument("--steps", type=int, default=1000)
   t.add_argument("--data", default=None, help="JSONL ({prompt|text|turns}) or text prompts")

@@ -17,8 +17,9 @@ from .medusa import Medusa, MedusaConfig, MedusaHeads  # noqa: E402
 from .layer_skip import LayerSkip  # noqa: E402
 from .hydra import Hydra, HydraConfig, HydraHeads  # noqa: E402
 from .lookahead import Lookahead  # noqa: E402
+from .kangaroo import AdapterConfig, AdapterHead, Kangaroo  # noqa: E402
 
-__all__ = ["Accepted", "DraftModel", "Drafter", "DrafterSpec", "Eagle", "EagleConfig",
-           "EagleHead", "EarlyExit", "Head", "Hydra", "HydraConfig", "HydraHeads", "LayerSkip",
+__all__ = ["Accepted", "AdapterConfig", "AdapterHead", "DraftModel", "Drafter", "DrafterSpec", "Eagle", "EagleConfig",
+           "EagleHead", "EarlyExit", "Head", "Hydra", "HydraConfig", "HydraHeads", "Kangaroo", "LayerSkip",
            "Lookahead", "Medusa", "MedusaConfig", "MedusaHeads", "NGram", "NoDraft", "Oracle",
            "Prefill", "Proposal", "Recycling", "Round", "registry"]

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec.drafters import eagle, hydra, medusa, vocab
+from jaxspec.drafters import eagle, hydra, kangaroo, medusa, vocab
 from jaxspec.models import KVCache, Model, ModelConfig, forward, head, layout
 
 
@@ -277,6 +277,40 @@ class HydraObjective(MedusaObjective):
 
 
 @dataclasses.dataclass(frozen=True)
+class AdapterObjective(Objective):
+  """Kangaroo: the adapter over the target's stream after its first `exit_layer` layers, read
+  out through the target's final norm and head, learns the target's distribution of x_{t+1}
+  at every position t (soft cross-entropy; the prefix and the head stay frozen)."""
+
+  target: ModelConfig
+  adapter: kangaroo.AdapterConfig
+
+  @property
+  def feature_layers(self) -> tuple[int, ...]:
+    return (self.adapter.exit_layer - 1,)
+
+  def init(self, model: Model, seed: int):
+    return kangaroo.init_params(self.adapter, seed)
+
+  def loss(self, params, tparams, tokens, lens, feats, key):
+    d = self.target.dim
+    shallow, last = feats[..., :d], feats[..., d:]  # [B, T, D] each
+    tl = jax.lax.stop_gradient(head(tparams, self.target, last))  # x_{t+1} [B, T, V]
+    g, _ = kangaroo.adapt(params, tparams, self.adapter, shallow)
+    dl = head(tparams, self.target, g.astype(jnp.float32))
+    mask = jnp.arange(tokens.shape[1])[None, :] < lens[:, None]
+    loss = _masked_mean(_soft_ce(tl, dl), mask)
+    return loss, {"loss": loss, "acc": _masked_mean(_agree(tl, dl), mask)}
+
+  def result(self, model: Model, params, meta):
+    return kangaroo.AdapterHead(params=params, config=self.adapter,
+                                name=f"{model.name}-kangaroo", meta=meta)
+
+  def drafter(self, model: Model, params, k: int):
+    return kangaroo.Kangaroo(kangaroo.AdapterHead(params=params, config=self.adapter), k=k)
+
+
+@dataclasses.dataclass(frozen=True)
 class DistillObjective(Objective):
   """DistillSpec: token-level KL(target || draft) on the target's own generations."""
 
@@ -337,14 +371,16 @@ def make(kind: str, model: Model, *, k: int, layers: int | None = None, ids=None
     return HydraObjective(c, hydra.HydraConfig(c, n_heads=k, layers=layers or 1,
                                                draft_vocab=n), ids=ids, **opts)
   if ids is not None:
-    raise ValueError(f"draft_vocab applies to kinds 'eagle', 'eagle3', 'medusa' and 'hydra'; a "
-                     f"{kind!r} drafter is "
-                     f"a model: give it a reduced vocabulary at drafting time, "
-                     f"DraftModel(model, vocab=N)")
+    raise ValueError(f"draft_vocab applies to kinds 'eagle', 'eagle3', 'medusa' and 'hydra', "
+                     f"not {kind!r}")
+  if kind == "adapter":
+    exit_layer = (kangaroo.default_exit_layer(c.n_layers) if layers is None
+                  else kangaroo.check_exit_layer(layers, c.n_layers))
+    return AdapterObjective(c, kangaroo.AdapterConfig(c, exit_layer=exit_layer), **opts)
   if kind == "distill":
     n = layers or min(c.n_layers - 1, max(1, c.n_layers // 4))
     if not 1 <= n < c.n_layers:
       raise ValueError(f"distill needs 1 <= layers < {c.n_layers} (the target's depth), got {n}")
     return DistillObjective(c, dataclasses.replace(c, n_layers=n), **opts)
-  raise ValueError(f"unknown drafter kind {kind!r}: expected 'eagle', 'eagle3', 'medusa', 'hydra' "
-                   f"or 'distill'")
+  raise ValueError(f"unknown drafter kind {kind!r}: expected 'eagle', 'eagle3', 'medusa', 'hydra', "
+                   f"'adapter' or 'distill'")

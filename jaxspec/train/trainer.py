@@ -197,7 +197,7 @@ def held_out_tau(obj, model: Model, params, prompts, *, k: int, max_new_tokens: 
 
 # ------------------------------------------------------------------------------------ train
 
-KINDS = ("eagle", "eagle3", "medusa", "hydra", "distill")
+KINDS = ("eagle", "eagle3", "medusa", "hydra", "adapter", "distill")
 # train_drafter's arguments that `jaxspec train-drafter` sets, by their command-line flags: the
 # command prints errors about them with the flag (`--batch-size`, not `batch_size`).
 FLAGS = {"kind": "--kind", "out_dir": "--out", "steps": "--steps", "data": "--data", "k": "--k",
@@ -259,6 +259,14 @@ def _check_arguments(model: Model, a: dict) -> None:
     if a["kind"] == "distill":
       raise _bad("draft_vocab", "None for kind 'distill' (a distilled model drafts with "
                  "DraftModel(model, vocab=N))", a["draft_vocab"])
+    if a["kind"] == "adapter":
+      raise _bad("draft_vocab", "None for kind 'adapter' (a Kangaroo adapter reads out "
+                 "through the target's own head)", a["draft_vocab"])
+  if a["kind"] == "adapter" and a["layers"] is not None and not (
+      validate.is_int(a["layers"]) and 1 <= a["layers"] < model.config.n_layers):
+    raise _bad("layers", f"the adapter's exit layer, an integer in [1, "
+               f"{model.config.n_layers - 1}] (the target has {model.config.n_layers} layers)",
+               a["layers"])
   mesh = a["mesh"]
   if mesh is not None:
     from jax.sharding import Mesh
@@ -322,7 +330,8 @@ def train_drafter(model: Model, *, kind: str = "eagle", out_dir: str, steps: int
     kind: "eagle" (feature drafter, returns an `EagleHead`), "eagle3" (an `EagleHead` that
       reads low, middle and high target layers, trained with training-time test), "medusa"
       (k heads, returns `MedusaHeads`), "hydra" (k heads, each reading the token drafted
-      before it, returns `HydraHeads`) or "distill" (a small draft model from the target's
+      before it, returns `HydraHeads`), "adapter" (a Kangaroo adapter over the target's first
+      `layers` layers, returns an `AdapterHead` for `drafters.Kangaroo`) or "distill" (a small draft model from the target's
       first `layers` layers, returns a `jaxspec.Model` for `drafters.DraftModel`).
     out_dir: holds the data cache (data/), Orbax training checkpoints (state/), the run's
       settings and loss/tau history, and the trained drafter (drafter/).
@@ -333,7 +342,8 @@ def train_drafter(model: Model, *, kind: str = "eagle", out_dir: str, steps: int
     eval_every: steps between held-out tau measurements (0: only at the end).
     resume: continue from the latest checkpoint in out_dir (bit-identical to an uninterrupted
       run: batches and noise are pure functions of (seed, step)); False starts over.
-    layers: EAGLE decoder layers / Medusa blocks per head / distilled model depth.
+    layers: EAGLE decoder layers / Medusa blocks per head / distilled model depth / the
+      adapter's exit layer (default: an eighth of the target's layers).
     num_prompts, samples_per_prompt, temperature: the generated training set (the first
       sample of each prompt is greedy, the others sampled at `temperature`).
     eval_prompts, eval_tokens: the held-out set for tau.
