@@ -18,6 +18,12 @@ buffer), so nothing recompiles after the first refill.
 Same answer wherever a prompt lands: greedy output equals `generate([prompt])`; sampled output
 depends only on the seed and the prompt's id (row keys are fold_in(key(seed), id)), never on
 the batch size, the slot, the order or the other prompts.
+
+A drafter with a memory across calls (`NGram(memory=M)`, `Drafter.remember`) learns from the
+job while it runs: the rows that finish in one `serve` call join its memory before the next
+(a traced input of fixed size: nothing recompiles). Greedy output is unchanged (lossless);
+sampled output still has the target's distribution, but its exact draws then also depend on
+what the memory held.
 """
 
 from __future__ import annotations
@@ -165,7 +171,7 @@ def generate_many(model: Model, prompts: Iterable, *, batch_size: int = 16, draf
   if mesh is not None:
     data = mesh.shape.get("data", 1)
     width = -(-width // data) * data
-  runner = _Runner(model, pr, width, seed, longest)
+  runner = _Runner(model, pr, width, seed, longest, drafter)
   return runner.iterate(itertools.chain(ahead, jobs), max_rounds)
 
 
@@ -192,8 +198,10 @@ def _positive(name: str, value) -> int:
 class _Runner:
   """The host side of continuous batching: which job holds which slot."""
 
-  def __init__(self, model: Model, pr: session.Plan, width: int, seed: int, longest: int):
+  def __init__(self, model: Model, pr: session.Plan, width: int, seed: int, longest: int,
+               drafter=None):
     self.model, self.pr, self.width, self.longest = model, pr, width, longest
+    self.drafter = drafter
     b = pr.spec.batch
     # Every slot shares the stop list (the plan's rows past the first are padding).
     self.inputs = pr.inputs.replace(stop=jnp.broadcast_to(pr.inputs.stop[0], pr.inputs.stop.shape))
@@ -244,6 +252,16 @@ class _Runner:
       return session.fetch(tree)
     return jax.device_get(tree)
 
+  def _remember(self, finished: list[Completion]) -> None:
+    """Finished rows join the drafter's memory (if it keeps one): its params are rebound, the
+    compiled program stays (`Drafter.remember` keeps the options, so the spec is equal)."""
+    if self.drafter is None or not self.drafter.remembers or not finished:
+      return
+    learned = self.drafter.remember(finished)
+    spec, dparams = learned.bind(self.model)
+    assert spec.with_mode(self.pr.spec.drafter.mode) == self.pr.spec.drafter
+    self.drafter, self.pr = learned, dataclasses.replace(self.pr, dparams=dparams)
+
   def _completion(self, job: _Job, seq, n, plen, calls, hist) -> Completion:
     toks = seq[plen:n].tolist()
     tok = self.model.tokenizer
@@ -281,6 +299,7 @@ class _Runner:
       state = self._call("serve", self.model.params, self.pr.dparams, self.inputs, state,
                          jnp.asarray(max_rounds, jnp.int32), jnp.asarray(min_done, jnp.int32))
       done, n, plen, seq, calls, hist, bad = self._fetch(state)
+      finished = []
       for s in range(b):
         job = self.owner[s]
         if job is None or not done[s]:
@@ -290,4 +309,7 @@ class _Runner:
               f"{self.model.name!r} produced non-finite logits (NaN or inf) for prompt "
               f"{job.id!r}; its weights or activations are broken, so no tokens are returned")
         self.owner[s] = None
-        yield self._completion(job, seq[s], int(n[s]), int(plen[s]), calls[s], hist[s])
+        finished.append(self._completion(job, seq[s], int(n[s]), int(plen[s]), calls[s],
+                                         hist[s]))
+      self._remember(finished)
+      yield from finished

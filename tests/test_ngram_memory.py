@@ -93,3 +93,22 @@ def test_memory_errors(stories):
   # Drafters that keep nothing across calls remember nothing
   d = drafters.EarlyExit(layers=3, k=2)
   assert d.remember(jaxspec.generate(stories, ["Hi"], max_new_tokens=2)) is d
+
+
+def test_generate_many_remembers_finished_rows(stories):
+  """Two prompts four times each through 2 slots: each row that starts after a copy of its
+  prompt finished drafts from that output (tau well above the first rows'), output equals
+  plain decoding, and rebinding the memory never recompiles."""
+  two = PROMPTS[:2]
+  want = jaxspec.generate(stories, two, max_new_tokens=N_NEW, stop_tokens=()).tokens
+  jobs = [{"id": i, "prompt": two[i % 2]} for i in range(8)]
+  it = jaxspec.generate_many(stories, jobs, batch_size=2, drafter=drafters.NGram(memory=2048),
+                             max_new_tokens=N_NEW, stop_tokens=(), speculate="always")
+  got = [next(it), next(it)]  # the first two rows: every program has been built
+  built = engine.compile_count
+  got += list(it)
+  assert engine.compile_count == built
+  got.sort(key=lambda c: c.index)
+  assert [c.tokens for c in got] == [want[i % 2] for i in range(8)]
+  first, later = [c.tau for c in got[:2]], [c.tau for c in got[4:]]
+  assert min(later) > max(first) + 1.0, (first, [c.tau for c in got[2:]])

@@ -4,8 +4,8 @@ SmolLM2-135M (Q4_1), Qwen2.5-Coder-0.5B and -1.5B and Gemma 3 270M (Q4_K_M: Q4_K
 Q8_0; Gemma's SentencePiece vocabulary and sliding-window layers): logits on
 a ragged batch within 1e-3, 32 greedy tokens identical, tokenization of mixed ASCII/code/CJK/
 emoji text identical, chat templates rendered identically; speculative greedy output (NGram,
-EarlyExit, DraftModel 0.5B -> 1.5B, and SmolLM2 drafting across vocabularies for Qwen 0.5B and
-Gemma 3) equals plain greedy output.
+EarlyExit, LayerSkip, Lookahead and Kangaroo on SmolLM2, DraftModel 0.5B -> 1.5B, and SmolLM2
+drafting across vocabularies for Qwen 0.5B and Gemma 3) equals plain greedy output.
 
 Measured on the shared 2-core machine (load average ~10, first run, transformers reference
 included): SmolLM2 3.6 min, Qwen 0.5B + 1.5B 21 min, Gemma 3 3.1 min; with the memoized
@@ -161,9 +161,9 @@ def plain(model, ref):
   return out.tokens
 
 
-def _speculative_equals_plain(model, plain, prompts, drafter):
+def _speculative_equals_plain(model, plain, prompts, drafter, speculate=None):
   out = jaxspec.generate(model, prompts, drafter=drafter, max_new_tokens=N_GREEDY,
-                         stop_tokens=())
+                         stop_tokens=(), speculate=speculate)
   assert out.tokens == plain, drafter
   return out.stats
 
@@ -200,6 +200,22 @@ class TestSmolLM2(_Checks):
     prompts = ref[0]["greedy_prompts"]
     _speculative_equals_plain(model, plain, prompts, drafters.NGram(k=4))
     _speculative_equals_plain(model, plain, prompts, drafters.EarlyExit(layers=24, k=4))
+
+  def test_training_free_and_adapter_drafters_equal_plain(self, ref, model, plain):
+    """The drafter families of issue 17 on a real model: a layer subset (k=1), lookahead, and
+    a Kangaroo adapter (random weights: output must not depend on the drafts) on a tree."""
+    from jaxspec.drafters import kangaroo
+    prompts = ref[0]["greedy_prompts"]
+    cfg = kangaroo.AdapterConfig(model.config, exit_layer=3)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: rng.standard_normal(s).astype(np.float32) * 0.02,
+                          kangaroo.param_shapes_adapter(cfg),
+                          is_leaf=lambda s: isinstance(s, tuple))
+    adapter = kangaroo.AdapterHead(params=params, config=cfg)
+    for d in [drafters.LayerSkip(tuple(range(0, 30, 2)) + (29,), k=1),
+              drafters.Lookahead(),
+              drafters.Kangaroo(adapter, tree=trees.Dynamic(nodes=8, topk=2, depth=3))]:
+      _speculative_equals_plain(model, plain, prompts, d, speculate="always")
 
 
 class TestQwenCoder05B(_Checks):

@@ -270,6 +270,12 @@ class Drafter:
     None for drafters that run no model."""
     return None
 
+  @property
+  def remembers(self) -> bool:
+    """Whether `remember` carries anything into later calls (`generate_many` then feeds it the
+    rows that finish while a job runs)."""
+    return False
+
   def remember(self, result) -> "Drafter":
     """This drafter, carrying what a `generate` result can teach it into later calls (an
     `NGram` with a memory adds the outputs to it). Drafters that keep nothing across calls

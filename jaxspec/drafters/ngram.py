@@ -118,6 +118,20 @@ class NGramSpec(DrafterSpec):
     return tree.arrays(toks)
 
 
+def _outputs(result) -> list[list[int]]:
+  """The token lists of a `generate` result, a `generate_many` completion or a list of
+  completions."""
+  if isinstance(result, (list, tuple)):
+    return [t for r in result for t in _outputs(r)]
+  tokens = getattr(result, "tokens", None)
+  if isinstance(tokens, list) and all(isinstance(t, list) for t in tokens):
+    return tokens  # a generate result: one list per row
+  if isinstance(tokens, list) and all(isinstance(t, (int, np.integer)) for t in tokens):
+    return [tokens]  # one completion
+  raise TypeError(f"NGram.remember takes a jaxspec.generate result or generate_many "
+                  f"completions, got {type(result).__name__}")
+
+
 @registry.register("ngram", usage="ngram[:N]",
                    help="prompt lookup: what followed the last N tokens earlier in the row")
 @dataclasses.dataclass(frozen=True)
@@ -160,18 +174,19 @@ class NGram(Drafter):
       memory = jnp.asarray(h)
     return NGramSpec(k=self.k, target=target.config, n=self.n, tree=self.tree), memory
 
+  @property
+  def remembers(self) -> bool:
+    return self.memory > 0
+
   def remember(self, result) -> "NGram":
-    """This drafter with `result`'s outputs (a `generate` result) added to its memory."""
+    """This drafter with `result`'s outputs added to its memory: a `generate` result (every
+    row, in row order), a `generate_many` completion, or a list of completions."""
     if not self.memory:
       raise ValueError("NGram(memory=0) keeps no history: give it memory=N tokens, e.g. "
                        "NGram(memory=8192)")
-    tokens = getattr(result, "tokens", None)
-    if not isinstance(tokens, list):
-      raise TypeError(f"NGram.remember takes a jaxspec.generate result, got "
-                      f"{type(result).__name__}")
     old = (np.full((self.memory,), -1, np.int32) if self.history is None
            else np.asarray(self.history, np.int32))
-    new = [np.asarray(t, np.int32) for t in tokens if len(t)]
+    new = [np.asarray(t, np.int32) for t in _outputs(result) if len(t)]
     joined = np.concatenate([old] + [np.append(t, -1).astype(np.int32) for t in new])
     return dataclasses.replace(self, history=joined[-self.memory:])
 
