@@ -8,6 +8,11 @@ Speedup = tokens / cost, with a plain round costing 1 and a speculative round `r
 
   python scripts/switch_sim.py            # the table in docs/performance.md
   python scripts/switch_sim.py --tokens 64
+  python scripts/switch_sim.py --decays 0.2 --probe-rules ema,max   # a candidate probe rule
+
+Probe rules: "ema" (the engine's) folds a probe round into the running tau like any other
+round; "max" (a candidate, not adopted) lets a probe round that beats the running tau replace
+it, so one good probe is enough to resume speculating.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ def gaps(ratio: float) -> tuple[int, int]:
 
 
 def speedup(rng, *, ratio: float, decay: float | None, tokens: int, k: int = 4,
-            alpha: float = 0.8, burst: float | None = None, trials: int = 300) -> float:
+            alpha: float = 0.8, burst: float | None = None, trials: int = 300,
+            rule: str = "ema") -> float:
   """Mean speedup over plain decoding; decay None = always speculate. burst: the chance per
   round of switching between a good (alpha 0.95) and a bad (alpha 0.05) phase."""
   bar, (lo, hi) = ratio * (1 + policy.MARGIN), gaps(ratio)
@@ -48,6 +54,8 @@ def speedup(rng, *, ratio: float, decay: float | None, tokens: int, k: int = 4,
         if decay is not None:
           probe = streak >= gap
           tau = (1 - decay) * tau + decay * (accepted + 1)
+          if probe and rule == "max":
+            tau = max(tau, accepted + 1.0)
           gap = lo if tau > bar else (min(2 * gap, hi) if probe else gap)
         streak = 0
       else:
@@ -61,20 +69,24 @@ def main():
   ap.add_argument("--tokens", type=int, default=256)
   ap.add_argument("--decays", default="0.5,0.2,0.1")
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--probe-rules", default="ema", help="comma-separated: ema (the engine's), max")
   a = ap.parse_args()
   decays = [float(x) for x in a.decays.split(",")]
+  rules = a.probe_rules.split(",")
+  cols = [(d, r) for r in rules for d in decays]
   cases = [("alpha 0.8", 2.6, {"alpha": 0.8}), ("alpha 0.6", 2.6, {"alpha": 0.6}),
            ("alpha 0.5", 1.4, {"alpha": 0.5}), ("alpha 0.1", 1.4, {"alpha": 0.1}),
            ("alpha 0.2", 4.0, {"alpha": 0.2}), ("bursty 3%", 1.4, {"burst": 0.03}),
            ("bursty 3%", 2.6, {"burst": 0.03}), ("bursty 10%", 2.6, {"burst": 0.1})]
   print(f"{a.tokens} tokens, k=4; cells: speedup over plain")
-  print("| drafter | ratio | always | " + " | ".join(f"decay {d}" for d in decays) + " |")
-  print("|---|---|---|" + "---|" * len(decays))
-  for name, ratio, kw in cases:
+  name = lambda d, r: f"decay {d}" + ("" if rules == ["ema"] else f" {r}")
+  print("| drafter | ratio | always | " + " | ".join(name(d, r) for d, r in cols) + " |")
+  print("|---|---|---|" + "---|" * len(cols))
+  for label, ratio, kw in cases:
     rng = np.random.default_rng(a.seed)
     row = [speedup(rng, ratio=ratio, decay=None, tokens=a.tokens, **kw)]
-    row += [speedup(rng, ratio=ratio, decay=d, tokens=a.tokens, **kw) for d in decays]
-    print(f"| {name} | {ratio} | " + " | ".join(f"{x:.2f}x" for x in row) + " |")
+    row += [speedup(rng, ratio=ratio, decay=d, tokens=a.tokens, rule=r, **kw) for d, r in cols]
+    print(f"| {label} | {ratio} | " + " | ".join(f"{x:.2f}x" for x in row) + " |")
 
 
 if __name__ == "__main__":
