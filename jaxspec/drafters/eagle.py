@@ -48,7 +48,7 @@ from jaxspec.models import KVCache, Model, ModelConfig, forward, param_shapes
 from . import registry, vocab
 from .base import Accepted, Drafter, DrafterSpec, Prefill, Proposal, Round, last_tokens, pick
 from .chain import draft_chain
-from .head import Head
+from .head import Head, decoder_config, init_layers
 from .tree_draft import grow
 
 KIND = "eagle"
@@ -72,13 +72,7 @@ class EagleConfig:
   @property
   def decoder(self) -> ModelConfig:
     """The drafter's own decoder: the target's layer shape, `layers` deep."""
-    t = self.target
-    return ModelConfig(dim=t.dim, n_layers=self.layers, n_heads=t.n_heads,
-                       n_kv_heads=t.n_kv_heads, hidden_dim=t.hidden_dim,
-                       vocab_size=t.vocab_size, head_dim=t.head_dim, max_seq_len=t.max_seq_len,
-                       norm_eps=t.norm_eps, rope_theta=t.rope_theta,
-                       rope_layout=t.rope_layout, rope_scaling=t.rope_scaling,
-                       tied_embeddings=True, arch="eagle")
+    return decoder_config(self.target, self.layers, "eagle")
 
 
 def eagle3_layers(n_layers: int) -> tuple[int, ...]:
@@ -118,15 +112,7 @@ def init_params(config: EagleConfig, seed: int = 0, scale: float = 0.02) -> dict
   """fc starts as [I ; small noise] (g_0 ~ f_t), the layer as small random weights, norms one."""
   rng = np.random.default_rng(seed)
   d = config.target.dim
-  shapes = param_shapes_eagle(config)
-
-  def draw(path, shape):
-    if "norm" in jax.tree_util.keystr(path):
-      return jnp.ones(shape, jnp.float32)
-    return jnp.asarray(rng.standard_normal(shape, dtype=np.float32) * scale)
-
-  layers = jax.tree_util.tree_map_with_path(draw, shapes["layers"],
-                                            is_leaf=lambda s: isinstance(s, tuple))
+  layers = init_layers(config.decoder, rng, scale)
   fc = np.concatenate([np.eye(d, dtype=np.float32),
                        rng.standard_normal((d, d), dtype=np.float32) * scale], axis=0)
   out = {"fc": jnp.asarray(fc), "fc_b": jnp.zeros((d,), jnp.float32), "layers": layers}

@@ -12,6 +12,10 @@ import os
 from typing import ClassVar
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxspec.models import ModelConfig, param_shapes
 
 
 @dataclasses.dataclass(eq=False)
@@ -90,3 +94,29 @@ def load_checkpoint(path: str | os.PathLike, kind: str, *, dtype=None):
   if ckpt.kind != kind:
     raise ValueError(f"{path} holds a {ckpt.kind!r} checkpoint, not a {kind!r} head")
   return ckpt
+
+
+def decoder_config(target: ModelConfig, n_layers: int, arch: str) -> ModelConfig:
+  """A head's own decoder layers (EAGLE's decoder, Kangaroo's adapter): the target's layer
+  shape and RoPE, `n_layers` deep."""
+  t = target
+  return ModelConfig(dim=t.dim, n_layers=n_layers, n_heads=t.n_heads, n_kv_heads=t.n_kv_heads,
+                     hidden_dim=t.hidden_dim, vocab_size=t.vocab_size, head_dim=t.head_dim,
+                     max_seq_len=t.max_seq_len, norm_eps=t.norm_eps, rope_theta=t.rope_theta,
+                     rope_layout=t.rope_layout, rope_scaling=t.rope_scaling,
+                     tied_embeddings=True, arch=arch)
+
+
+def init_layers(config: ModelConfig, rng: np.random.Generator, scale: float,
+                zero: tuple[str, ...] = ()) -> dict:
+  """Stacked layer weights of `config`: norms one, the weights named in `zero` zero, the rest
+  small random (drawn from `rng` in tree order)."""
+  def draw(path, shape):
+    if "norm" in jax.tree_util.keystr(path):
+      return jnp.ones(shape, jnp.float32)
+    if path[-1].key in zero:
+      return jnp.zeros(shape, jnp.float32)
+    return jnp.asarray(rng.standard_normal(shape, dtype=np.float32) * scale)
+
+  return jax.tree_util.tree_map_with_path(draw, param_shapes(config)["layers"],
+                                          is_leaf=lambda s: isinstance(s, tuple))

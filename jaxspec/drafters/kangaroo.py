@@ -35,7 +35,7 @@ from jaxspec.models import KVCache, Model, ModelConfig, forward, head, param_sha
 from . import registry
 from .base import Accepted, Drafter, DrafterSpec, Prefill, Proposal, Round, check_int, last_tokens
 from .chain import draft_chain
-from .head import Head
+from .head import Head, decoder_config, init_layers
 from .tree_draft import grow
 
 KIND = "adapter"
@@ -52,12 +52,7 @@ class AdapterConfig:
   @property
   def decoder(self) -> ModelConfig:
     """The adapter: one decoder layer of the target's layer shape."""
-    t = self.target
-    return ModelConfig(dim=t.dim, n_layers=1, n_heads=t.n_heads, n_kv_heads=t.n_kv_heads,
-                       hidden_dim=t.hidden_dim, vocab_size=t.vocab_size, head_dim=t.head_dim,
-                       max_seq_len=t.max_seq_len, norm_eps=t.norm_eps, rope_theta=t.rope_theta,
-                       rope_layout=t.rope_layout, rope_scaling=t.rope_scaling,
-                       tied_embeddings=True, arch="adapter")
+    return decoder_config(self.target, 1, "adapter")
 
   @property
   def prefix(self) -> tuple[int, ...]:
@@ -83,18 +78,8 @@ def param_shapes_adapter(config: AdapterConfig) -> dict:
 def init_params(config: AdapterConfig, seed: int = 0, scale: float = 0.02) -> dict:
   """Small random weights, norms one, and the two output projections (wo, w_down) zero: the
   untrained adapter passes the shallow stream through unchanged (EarlyExit's draft)."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, shape):
-    name = jax.tree_util.keystr(path)
-    if "norm" in name:
-      return jnp.ones(shape, jnp.float32)
-    if "wo" in name or "w_down" in name:
-      return jnp.zeros(shape, jnp.float32)
-    return jnp.asarray(rng.standard_normal(shape, dtype=np.float32) * scale)
-
-  layers = jax.tree_util.tree_map_with_path(draw, param_shapes_adapter(config)["layers"],
-                                            is_leaf=lambda s: isinstance(s, tuple))
+  layers = init_layers(config.decoder, np.random.default_rng(seed), scale,
+                       zero=("wo", "w_down"))
   return {"layers": layers}
 
 
