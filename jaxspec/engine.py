@@ -132,9 +132,10 @@ def row_keys(key: jax.Array, ids: jax.Array) -> jax.Array:
 
 def _prefill(spec: EngineSpec, tparams, dparams, prompt, prompt_lens, live, inp: Inputs, key):
   b, p = prompt.shape
-  cache = KVCache.like(tparams, spec.target, b, spec.buf_len)
+  # sliding-window layers keep a ring of window + footprint - 1 slots (models.cache)
+  cache = KVCache.like(tparams, spec.target, b, spec.buf_len, footprint=spec.drafter.footprint)
   out = forward(tparams, spec.target, prompt, cache, logits=False,
-                taps=spec.drafter.feature_layers)
+                taps=spec.drafter.feature_layers, valid=prompt_lens)
   last_h = jnp.take_along_axis(out.hidden, (prompt_lens - 1)[:, None, None], axis=1)  # [B,1,D]
   logits = head(tparams, spec.target, last_h)[:, 0]
   if not sampling.per_row(key):  # one seed: row b's key is fold_in(seed key, b)

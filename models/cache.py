@@ -4,12 +4,19 @@ Rows of a batch advance independently (speculative rounds accept different count
 cache keeps `lengths: int32[B]`. Rejected draft tokens are rolled back by rewinding `lengths`;
 their stale entries stay in memory but are masked out and overwritten by the next write.
 
-Sliding-window layers (Mistral, Gemma 2 / 3 local layers) use the same buffer: `forward` masks
-slots outside each query's window and, on chunked buffers, reads only each row's window chunks,
-so a decode step on a local layer costs the window, not the context. Memory is NOT reduced: every
-layer keeps `size` slots. A ring buffer of window + speculative footprint slots would need the
-engine's padded prefill to tell the cache each row's true prompt length (padding written past it
-would otherwise wrap onto live window entries before `rewind` runs).
+Sliding-window layers (Mistral, Gemma 2 / 3 local layers) keep only what the window needs when
+the cache is made with a `footprint` (the most slots one speculative forward writes past the
+committed length): each local layer then has a ring of `R = window + footprint - 1` slots, slot
+s living at ring index s mod R, and global layers keep the whole buffer (such a cache is always
+per-layer, since the layers' buffers differ in size). Why R suffices: a query at position p
+reads the window's committed slots p - W + 1 .. p - 1 and this forward's own slots; every write
+so far reached at most `lengths + footprint - 1`, so no stale (rejected) draft can have wrapped
+onto a slot the window still needs, and slots older than the window that were overwritten are
+masked by the window anyway. A forward of more than `footprint` tokens (a prefill) attends over
+the ring as it was plus its own new keys, and writes only the last R real tokens of each row
+(`forward(valid=...)`: padding is never written, so it cannot wrap onto live entries).
+Without a footprint (or when R would not be smaller than the buffer) every layer keeps `size`
+slots and `forward` masks slots outside each query's window.
 """
 
 from __future__ import annotations
@@ -26,25 +33,43 @@ class KVCache:
   k: jax.Array  # [L, B, S, K, H], or a tuple of L [B, S, K, H] (per-layer, see models.layout)
   v: jax.Array  # same as k
   lengths: jax.Array  # [B] int32: live entries per row (slots 0 .. lengths-1)
+  ring: int = struct.field(pytree_node=False, default=0)  # slots of each local layer's ring (0: none)
+  footprint: int = struct.field(pytree_node=False, default=0)  # most slots a ring forward writes
 
   @classmethod
   def init(cls, config: ModelConfig, batch: int, size: int, dtype=jnp.float32, *,
-           per_layer: bool = False) -> "KVCache":
-    """An empty cache; `per_layer` keeps one buffer per layer (to go with per-layer weights)."""
-    row = (batch, size, config.n_kv_heads, config.head_dim)
-    if per_layer:
-      k = tuple(jnp.zeros(row, dtype) for _ in range(config.n_layers))
-      v = tuple(jnp.zeros(row, dtype) for _ in range(config.n_layers))
+           per_layer: bool = False, footprint: int | None = None) -> "KVCache":
+    """An empty cache; `per_layer` keeps one buffer per layer (to go with per-layer weights).
+
+    footprint: the most slots past the committed length that one forward writes before the
+    cache is rewound (a speculative round's verify pass, `DrafterSpec.footprint`). With it,
+    the local layers of a sliding-window model get ring buffers of `ring_slots` slots (see the
+    module doc) and the cache is per-layer; None keeps `size` slots in every layer.
+    """
+    ring = ring_slots(config, size, footprint)
+    sizes = [ring if ring and local else size for local in config.layer_is_local]
+    if per_layer or ring:
+      k = tuple(jnp.zeros((batch, n, config.n_kv_heads, config.head_dim), dtype) for n in sizes)
+      v = tuple(jnp.zeros_like(x) for x in k)
     else:
-      k, v = jnp.zeros((config.n_layers,) + row, dtype), jnp.zeros((config.n_layers,) + row, dtype)
-    return cls(k=k, v=v, lengths=jnp.zeros((batch,), jnp.int32))
+      shape = (config.n_layers, batch, size, config.n_kv_heads, config.head_dim)
+      k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+    return cls(k=k, v=v, lengths=jnp.zeros((batch,), jnp.int32), ring=ring,
+               footprint=int(footprint) if ring else 0)
 
   @classmethod
-  def like(cls, params, config: ModelConfig, batch: int, size: int, dtype=None) -> "KVCache":
-    """An empty cache laid out like `params`' layers (per-layer weights get per-layer buffers)."""
+  def like(cls, params, config: ModelConfig, batch: int, size: int, dtype=None, *,
+           footprint: int | None = None) -> "KVCache":
+    """An empty cache laid out like `params`' layers (per-layer weights get per-layer buffers;
+    see `init` for `footprint`)."""
     from . import layout
     dtype = params["embed"].dtype if dtype is None else dtype
-    return cls.init(config, batch, size, dtype, per_layer=layout.is_per_layer(params))
+    return cls.init(config, batch, size, dtype, per_layer=layout.is_per_layer(params),
+                    footprint=footprint)
+
+  def is_ring(self, buf: jax.Array) -> bool:
+    """Is this K or V buffer (one layer's [B, S, K, H]) a local layer's ring?"""
+    return bool(self.ring) and buf.shape[-3] == self.ring
 
   @property
   def per_layer(self) -> bool:
@@ -68,7 +93,8 @@ class KVCache:
 
   @property
   def size(self) -> int:
-    return self.k[0].shape[1] if self.per_layer else self.k.shape[2]
+    """Slots of the full (global-layer) buffers."""
+    return max(x.shape[1] for x in self.k) if self.per_layer else self.k.shape[2]
 
   @property
   def batch(self) -> int:
@@ -91,10 +117,31 @@ class KVCache:
     b = jnp.arange(self.batch)[:, None]
 
     def move(buf, lead):  # [L, B, S, K, H] or [B, S, K, H]
-      picked = buf[lead + (b, src_slots)]  # [(L,) B, J, K, H]
-      return buf.at[lead + (b, dst_slots)].set(picked, mode="drop")
+      dst, src = dst_slots, src_slots
+      if self.is_ring(buf):  # the path's nodes were written by the last forward: all in the ring
+        dst, src = dst % self.ring, src % self.ring
+      picked = buf[lead + (b, src)]  # [(L,) B, J, K, H]
+      return buf.at[lead + (b, dst)].set(picked, mode="drop")
 
     return self.map_rows(move)
+
+
+def ring_slots(config: ModelConfig, size: int, footprint: int | None) -> int:
+  """Slots of a local layer's ring buffer (window + footprint - 1), or 0 when the model has no
+  sliding window, no footprint is given, or the ring would not be smaller than `size`."""
+  if footprint is None or not config.windowed or not any(config.layer_is_local):
+    return 0
+  if footprint < 1:
+    raise ValueError(f"footprint must be at least 1 slot, got {footprint}")
+  ring = config.sliding_window + int(footprint) - 1
+  return ring if ring < size else 0
+
+
+def ring_labels(ends: jax.Array, ring: int) -> jax.Array:
+  """[B, R] the slot each ring index holds once slots below `ends` [B] were written: the
+  latest s < end with s = r (mod R); negative where nothing was written there yet."""
+  r = jnp.arange(ring, dtype=jnp.int32)[None, :]
+  return r + ring * jnp.floor_divide(ends[:, None] - 1 - r, ring)
 
 
 def write_rows(buf: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:

@@ -11,10 +11,10 @@ Self-speculative drafting runs only the first `n_layers` layers (early exit) or 
 `layer_ids` (layer skipping) against the same weights and cache.
 
 Sliding-window (local) layers (Mistral, Gemma 2 / 3) mask every slot more than
-`sliding_window - 1` positions behind the query, and with a chunked buffer read only the chunks
-from each row's window start (`layers.attention_live(lo=...)`): a step on a local layer costs
-the window, not the context. The buffer itself keeps every slot, so the cache's memory is still
-the whole context for every layer (see `KVCache`).
+`sliding_window - 1` positions behind the query. With a cache made with a footprint they keep
+a ring of window + footprint - 1 slots (`models.cache`): a step reads and stores the window,
+not the context. Without one, they read the full buffer's chunks from each row's window start
+(`layers.attention_live(lo=...)`), which bounds the reads but not the memory.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 from flax import struct
 
 from . import layers as nn
-from .cache import KVCache, write_layer, write_rows
+from .cache import KVCache, ring_labels, write_layer, write_rows
 from . import layout as lay
 from .config import ModelConfig
 
@@ -59,15 +59,18 @@ def _window(mask: jax.Array, key_pos: jax.Array, positions: jax.Array, window: i
   return mask & (key_pos[:, None, :] > positions[:, :, None] - window)
 
 
-def _mask(t: int, s: int, base: jax.Array | None, tree_mask: jax.Array | None) -> jax.Array:
-  """[B, T, S] attention mask over cache slots (or over the T new tokens when base is None).
+def _mask(t: int, slots: jax.Array, base: jax.Array | None,
+          tree_mask: jax.Array | None) -> jax.Array:
+  """[B, T, S] attention mask over keys at cache slots `slots` [1 or B, S] (or over the T new
+  tokens when base is None).
 
   Every query sees the slots below its row's `base` (the live prefix). Slots from `base` on
   hold draft/tree tokens: `tree_mask` [B?, T, W] says which of the W slots base .. base + W - 1
   each query sees (causal over the T new tokens when tree_mask is None).
   """
   tq = jnp.arange(t)[:, None]  # [T, 1]
-  rel = jnp.arange(s)[None, None, :]  # [1, 1, S]: slot relative to the row's base
+  s = slots.shape[-1]
+  rel = slots[:, None, :]  # [1 or B, 1, S]: slot relative to the row's base
   if base is not None:
     rel = rel - base[:, None, None]  # [B, 1, S]
   if tree_mask is None:
@@ -114,6 +117,7 @@ def forward(
     attn_chunk: int | None = None,
     taps: tuple[int, ...] = (),
     attn_mask: jax.Array | None = None,
+    valid: jax.Array | None = None,
 ) -> Output:
   """Runs the decoder over `tokens` [B, T].
 
@@ -149,6 +153,10 @@ def forward(
     attn_mask: [B or 1, T, S] bool, which cache slots each new token sees, replacing the mask
       built from the cache lengths / `tree_mask` (needs a cache; EAGLE-3's training-time test
       attends across several drafting steps written side by side in one buffer).
+    valid: [B] how many of each row's T tokens are real (right padding follows them: a padded
+      prefill). A cache with ring layers (`KVCache.init(footprint=...)`) writes only real
+      tokens there, and needs `valid` when T exceeds its footprint: all of them are then taken
+      as committed, and padding written into a ring would wrap onto live window entries.
   """
   c = config
   b, t = tokens.shape
@@ -170,19 +178,38 @@ def forward(
     x = embeds.astype(dtype)
   if attn_mask is not None and cache is None:
     raise ValueError("attn_mask needs a cache (it says which cache slots each token sees)")
+  if attn_mask is not None and cache.ring:
+    raise ValueError("attn_mask needs a cache without ring layers (KVCache.init without "
+                     "footprint)")
   if cache is None:
-    mask = _mask(t, t, None, tree_mask)
+    mask = _mask(t, jnp.arange(t)[None], None, tree_mask)
     slots = None
     key_pos = positions
   else:
     base = lengths if mask_base is None else mask_base
-    mask = _mask(t, cache.size, base, tree_mask)
+    mask = _mask(t, jnp.arange(cache.size)[None], base, tree_mask)
     slots = lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
     limit = jnp.max(lengths) + t  # no query sees a slot past the last one written
     key_pos = jnp.arange(cache.size, dtype=jnp.int32)[None, :]
     if attn_mask is not None:
       mask = jnp.broadcast_to(attn_mask, (b, t, cache.size))
   local_mask = mask if not c.windowed else _window(mask, key_pos, positions, c.sliding_window)
+  ring = 0 if cache is None else cache.ring
+  if ring:  # local layers' ring buffers (models.cache): their slots, labels and mask
+    stream = t > cache.footprint  # attend over the ring as it was plus the new keys
+    if stream and valid is None:
+      raise ValueError(f"a forward of {t} tokens on a cache whose ring layers hold "
+                       f"{cache.footprint} speculative slots: pass valid= (the real tokens of "
+                       "each row, all committed), as a padded prefill does")
+    real = jnp.full((b,), t, jnp.int32) if valid is None else valid.astype(jnp.int32)
+    j = jnp.arange(t, dtype=jnp.int32)[None, :]
+    kept = (j < real[:, None]) & (j >= real[:, None] - ring)  # [B, T]: the last R real tokens
+    ring_slots = jnp.where(kept, slots % ring, ring)  # index R: dropped
+    labels = ring_labels(lengths if stream else lengths + t, ring)  # [B, R]
+    if stream:
+      labels = jnp.concatenate([labels, slots], axis=1)  # [B, R + T]
+    ring_mask = _mask(t, labels, base, tree_mask) & (labels >= 0)[:, None, :]
+    ring_mask = _window(ring_mask, labels, positions, c.sliding_window)
   chunk = None if cache is None else live_attention_chunk(cache.size, attn_chunk)
   if chunk is not None and c.windowed:  # per-row spans: local rows start at their window
     row_limit = lengths + t  # [B]
@@ -209,6 +236,16 @@ def forward(
     attn = dict(scale=c.query_scale, cap=c.attn_softcap)
     if kbuf is None:
       o = nn.attention(q, k, v, m, **attn)
+    elif ring and c.layer_is_local[i]:  # a ring cache is per-layer: i is static
+      keys, values = write_rows(kbuf[i], ring_slots, k), write_rows(vbuf[i], ring_slots, v)
+      if stream:
+        o = nn.attention(q, jnp.concatenate([kbuf[i], k.astype(keys.dtype)], axis=1),
+                         jnp.concatenate([vbuf[i], v.astype(values.dtype)], axis=1), ring_mask,
+                         **attn)
+      else:
+        o = nn.attention(q, keys, values, ring_mask, **attn)
+      kbuf = kbuf[:i] + (keys,) + kbuf[i + 1:]
+      vbuf = vbuf[:i] + (values,) + vbuf[i + 1:]
     else:
       if isinstance(kbuf, tuple):  # per-layer cache: layer i's [B, S, K, H] buffer
         keys, values = write_rows(kbuf[i], slots, k), write_rows(vbuf[i], slots, v)

@@ -515,11 +515,12 @@ FWD_CHUNKED = jax.jit(models.forward, static_argnums=(1,),
                       static_argnames=("attn_chunk", "n_layers"))
 
 
-@pytest.mark.parametrize("layers", ["stacked", "per_layer"])
+@pytest.mark.parametrize("layers", ["stacked", "per_layer", "ring"])
 @pytest.mark.parametrize("chunk", [None, 4])
 def test_window_greedy_matches_generate(windowed, chunk, layers):
   """Prompt + generation cross the window; chunk=4 reads only each row's window chunks;
-  per_layer keeps each layer's weights and cache in their own buffers (`models.layout`)."""
+  per_layer keeps each layer's weights and cache in their own buffers (`models.layout`);
+  ring keeps only the window in each local layer (`KVCache.init(footprint=1)`: 8 slots)."""
   _, m, model = windowed
   prompt = _ids(2, W_PROMPT, seed=1)
   with torch.no_grad():
@@ -527,10 +528,13 @@ def test_window_greedy_matches_generate(windowed, chunk, layers):
                       attention_mask=torch.ones(prompt.shape, dtype=torch.long),
                       do_sample=False, max_new_tokens=W_NEW)[:, W_PROMPT:].numpy()
   b, t = prompt.shape
-  params = models.layout.apply(model.params, layers)
-  cache = models.KVCache.like(params, model.config, b, t + W_NEW)
-  fwd = lambda toks, cache: FWD_CHUNKED(params, model.config, toks, cache, attn_chunk=chunk)
-  out = fwd(jnp.asarray(prompt), cache)
+  params = models.layout.apply(model.params, "stacked" if layers == "ring" else layers)
+  footprint = 1 if layers == "ring" else None
+  cache = models.KVCache.like(params, model.config, b, t + W_NEW, footprint=footprint)
+  assert cache.ring == (WINDOW if layers == "ring" and model.config.windowed else 0)
+  fwd = lambda toks, cache, **kw: FWD_CHUNKED(params, model.config, toks, cache,
+                                              attn_chunk=chunk, **kw)
+  out = fwd(jnp.asarray(prompt), cache, valid=jnp.full((b,), t))
   toks = [jnp.argmax(out.logits[:, -1], axis=-1)]
   for _ in range(W_NEW - 1):
     out = fwd(toks[-1][:, None], out.cache)
@@ -559,6 +563,72 @@ def test_window_chunked_attention_ragged_tree():
     dense = FWD_CHUNKED(params, c, toks, full, attn_chunk=None, n_layers=n_layers, **kw)
     live = FWD_CHUNKED(params, c, toks, full, attn_chunk=4, n_layers=n_layers, **kw)
     np.testing.assert_allclose(np.asarray(live.logits), np.asarray(dense.logits), atol=1e-5)
+
+
+RING_CASES = {"gemma3": (True, True, False), "gemma2": (True, False), "mistral": None}
+
+
+@pytest.mark.parametrize("pattern", list(RING_CASES))
+def test_window_ring_cache_equals_full_cache(pattern):
+  """Local layers' ring buffers (window + footprint - 1 slots) against the full buffer, over
+  a ragged padded prefill (valid=) and 40 random rounds as the engine runs them: chains and a
+  tree of 1 to `footprint` tokens, tree paths gathered, each row rewound to a random accepted
+  count. Logits agree every round. (A ring one slot shorter fails this within 8 rounds.)"""
+  from jaxspec.models import ModelConfig
+  pat = RING_CASES[pattern]
+  c = ModelConfig(dim=32, n_layers=len(pat or (1, 1)), n_heads=4, n_kv_heads=2, hidden_dim=64,
+                  vocab_size=V, head_dim=16, max_seq_len=128, sliding_window=WINDOW,
+                  local_pattern=pat, rope_local_theta=1e4, embed_scale=True, norm_plus_one=True,
+                  post_norms=True, qk_norm=True, act="gelu_tanh", attn_softcap=5.0,
+                  final_softcap=3.0, query_scale=0.2)
+  params = models.init_params(c, 0, scale=0.3)
+  foot, size = 4, 96
+  rng = np.random.default_rng(0)
+  full = models.KVCache.init(c, 2, size)
+  ring = models.KVCache.init(c, 2, size, footprint=foot)
+  assert ring.ring == WINDOW + foot - 1 and ring.per_layer
+  assert [x.shape[1] for x in ring.k] == [ring.ring if loc else size for loc in c.layer_is_local]
+  lens = jnp.array([13, 5])
+  prompt = jnp.asarray(rng.integers(0, V, (2, 13)))
+  a = FWD(params, c, prompt, full, valid=lens)
+  b = FWD(params, c, prompt, ring, valid=lens)
+  np.testing.assert_allclose(np.asarray(b.logits), np.asarray(a.logits), atol=1e-5)
+  fc, rc = a.cache.rewind(lens), b.cache.rewind(lens)
+  tree = jnp.asarray(np.array([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], bool))
+  for step in range(40):
+    t = int(rng.integers(1, foot + 1))
+    toks = jnp.asarray(rng.integers(0, V, (2, t)))
+    is_tree = t == foot and step % 2
+    kw = dict(positions=fc.lengths[:, None] + jnp.array([0, 1, 1, 2]),
+              tree_mask=tree) if is_tree else {}
+    a, b = FWD(params, c, toks, fc, **kw), FWD(params, c, toks, rc, **kw)
+    np.testing.assert_allclose(np.asarray(b.logits), np.asarray(a.logits), atol=1e-5,
+                               err_msg=f"round {step}")
+    acc = jnp.asarray(rng.integers(1, t + 1, (2,)))
+    ac, bc = a.cache, b.cache
+    if is_tree:  # the accepted root -> 1 -> 3 path, as Proposal.keep_path commits it
+      path = jnp.array([[0, 1, 3], [0, 1, 3]])
+      ac, bc = ac.gather_slots(fc.lengths, path), bc.gather_slots(rc.lengths, path)
+      acc = jnp.minimum(acc, 3)
+    fc, rc = ac.rewind(fc.lengths + acc), bc.rewind(rc.lengths + acc)
+  assert int(jnp.min(rc.lengths)) > 3 * ring.ring  # the ring wrapped several times
+
+
+def test_window_ring_cache_errors():
+  from jaxspec.models import ModelConfig
+  c = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=V,
+                  head_dim=16, max_seq_len=128, sliding_window=WINDOW)
+  params = models.init_params(c, 0)
+  ring = models.KVCache.init(c, 1, 64, footprint=2)
+  with pytest.raises(ValueError, match="a forward of 5 tokens on a cache whose ring layers hold "
+                                       "2 speculative slots: pass valid="):
+    models.forward(params, c, jnp.ones((1, 5), jnp.int32), ring)
+  with pytest.raises(ValueError, match="attn_mask needs a cache without ring layers"):
+    models.forward(params, c, jnp.ones((1, 2), jnp.int32), ring,
+                   attn_mask=jnp.ones((1, 2, 64), bool))
+  with pytest.raises(ValueError, match="footprint must be at least 1 slot, got 0"):
+    models.KVCache.init(c, 1, 64, footprint=0)
+  assert models.KVCache.init(c, 1, 9, footprint=2).ring == 0  # no smaller than the buffer
 
 
 def test_gemma3_conditional_generation_language_model(tmp_path):
@@ -590,10 +660,12 @@ def test_gemma3_conditional_generation_language_model(tmp_path):
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("case", ["gemma2-window", "gemma3-window"])
+@pytest.mark.parametrize("case", ["gemma2-window", "gemma3-window", "mistral-window"])
 def test_window_speculative_equals_plain(case, tmp_path):
   """NGram, EarlyExit and an EarlyExit dynamic tree across the window edge: greedy output
-  equals plain greedy output, on a ragged batch."""
+  equals plain greedy output, on a ragged batch. The engine's target cache keeps rings of
+  window + footprint - 1 slots in the local layers and the whole buffer in global ones."""
+  from jaxspec import session
   from jaxspec.drafters import EarlyExit, NGram
   from jaxspec.trees import Dynamic
   build_windowed(case).save_pretrained(tmp_path)
@@ -607,6 +679,11 @@ def test_window_speculative_equals_plain(case, tmp_path):
                   EarlyExit(layers=1, tree=Dynamic(nodes=8, topk=2, depth=3))):
     got = jaxspec.generate(model, prompts, drafter=drafter, **kw).tokens
     assert got == plain, drafter
+    plan = session.prepare(model, prompts, drafter=drafter, **kw)
+    cache = session.start(model, plan)[0].cache
+    ring = WINDOW + plan.spec.drafter.footprint - 1
+    assert [x.shape[1] for x in cache.k] == [ring if loc else plan.spec.buf_len
+                                             for loc in model.config.layer_is_local]
 
 
 def test_window_export_to_transformers(windowed):
