@@ -299,3 +299,34 @@ class TestGemma3(_Checks):
 
   def test_cross_vocabulary_draft_equals_plain(self, ref, model, plain):
     _smollm_drafts(model, plain, ref[0]["greedy_prompts"])
+
+  def test_past_the_window_with_ring_buffers(self, ref, model):
+    """Prompts of 600 and 530 tokens (past the 512-token window at prefill), then 16 rounds
+    that each verify the greedy token and 4 drafts that fail: the local layers' ring buffers
+    (516 slots) give the logits of the full buffer within 1e-4 every round (a ring two slots
+    short misses by more), and the engine's rings (plain and NGram) give its greedy tokens."""
+    c = model.config
+    base = sum(ref[0]["ragged"] + ref[0]["greedy_prompts"], [])
+    long = (base * (600 // len(base) + 1))[:600]
+    prompts = [long, long[:530]]
+    n, rows = 16, jnp.arange(2)
+    toks = jnp.asarray([p + [0] * (600 - len(p)) for p in prompts])
+    lens = jnp.array([len(p) for p in prompts])
+    fwd = jax.jit(forward, static_argnums=(1,))
+    full = jaxspec.models.KVCache.like(model.params, c, 2, 640)
+    ring = jaxspec.models.KVCache.like(model.params, c, 2, 640, footprint=5)
+    assert full.ring == 0 and ring.ring == 516 and c.sliding_window == 512
+    a, b = fwd(model.params, c, toks, full), fwd(model.params, c, toks, ring, valid=lens)
+    want = []
+    for step in range(n):
+      la, lb = (np.asarray(o.logits[rows, lens - 1 if step == 0 else 0]) for o in (a, b))
+      np.testing.assert_allclose(lb, la, atol=1e-4, rtol=0, err_msg=f"step {step}")
+      want.append(la.argmax(axis=-1))
+      full, ring = a.cache.rewind(lens + step), b.cache.rewind(lens + step)
+      # a verify pass of the greedy token and 4 drafts that are all rejected next step
+      nxt = jnp.concatenate([jnp.asarray(want[-1])[:, None], toks[:, step:step + 4]], axis=1)
+      a, b = fwd(model.params, c, nxt, full), fwd(model.params, c, nxt, ring)
+    want = np.stack(want, axis=1).tolist()
+    for d in (None, drafters.NGram(k=4)):
+      got = jaxspec.generate(model, prompts, drafter=d, max_new_tokens=n, stop_tokens=())
+      assert got.tokens == want, d
