@@ -686,6 +686,21 @@ def test_window_speculative_equals_plain(case, tmp_path):
                                              for loc in model.config.layer_is_local]
 
 
+def test_window_continuous_batching_with_rings(tmp_path):
+  """generate_many refills slots of an engine whose local layers are rings (prefill-and-insert
+  of new prompts into chosen rows): each prompt's greedy tokens equal generate([prompt])."""
+  from jaxspec.drafters import EarlyExit
+  build_windowed("gemma3-window").save_pretrained(tmp_path)
+  model = jaxspec.load_model(str(tmp_path), progress=False)
+  prompts = [[int(x) for x in _ids(1, n, seed=10 + n)[0]] for n in (3, 14, 7, 11, 5)]
+  kw = dict(max_new_tokens=20, stop_tokens=())
+  want = [jaxspec.generate(model, [p], **kw).tokens[0] for p in prompts]
+  for d in (None, EarlyExit(layers=1, k=3)):
+    got = {c.id: c.tokens for c in jaxspec.generate_many(
+        model, prompts, batch_size=2, drafter=d, speculate=d and "always", **kw)}
+    assert [got[i] for i in range(len(prompts))] == want, d
+
+
 def test_window_export_to_transformers(windowed):
   """`peers.to_transformers` (the same weight-name table and config, inverted) rebuilds a
   transformers model with the original's logits."""
