@@ -701,6 +701,21 @@ def test_window_continuous_batching_with_rings(tmp_path):
     assert [got[i] for i in range(len(prompts))] == want, d
 
 
+def test_window_rings_on_a_mesh(tmp_path):
+  """The engine's ring buffers sharded over a 2 x 2 (data x tensor) mesh: the same greedy
+  tokens as one device, plain and with EarlyExit."""
+  from jaxspec import sharding
+  from jaxspec.drafters import EarlyExit
+  build_windowed("gemma3-window").save_pretrained(tmp_path)
+  model = jaxspec.load_model(str(tmp_path), progress=False)
+  prompts = [[int(x) for x in _ids(1, n, seed=20 + n)[0]] for n in (13, 4)]
+  kw = dict(max_new_tokens=20, stop_tokens=())
+  mesh = sharding.make_mesh(data=2, tensor=2, devices=jax.devices()[:4])
+  for d in (None, EarlyExit(layers=1, k=3)):
+    want = jaxspec.generate(model, prompts, drafter=d, **kw).tokens
+    assert jaxspec.generate(model, prompts, drafter=d, mesh=mesh, **kw).tokens == want, d
+
+
 def test_window_export_to_transformers(windowed):
   """`peers.to_transformers` (the same weight-name table and config, inverted) rebuilds a
   transformers model with the original's logits."""
