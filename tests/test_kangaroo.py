@@ -12,7 +12,9 @@ from jaxspec import drafters, trees
 from jaxspec.drafters import kangaroo
 from conftest import assert_second_and_third_follow_the_target, tiny_model
 
-pytestmark = pytest.mark.usefixtures("fast_compile")
+# one worker trains the module's adapter once (under --dist loadgroup each worker that runs a
+# test here would otherwise train its own: ~33 s each)
+pytestmark = [pytest.mark.usefixtures("fast_compile"), pytest.mark.xdist_group("kangaroo")]
 
 PROMPTS = ["Once upon a time, there was a", "The little bird", "One day"]  # ragged
 N_NEW = 32

@@ -301,17 +301,17 @@ class TestGemma3(_Checks):
     _smollm_drafts(model, plain, ref[0]["greedy_prompts"])
 
   def test_past_the_window_with_ring_buffers(self, ref, model):
-    """Prompts of 600 and 530 tokens (past the 512-token window at prefill), then 16 rounds
-    that each verify the greedy token and 4 drafts that fail: the local layers' ring buffers
-    (516 slots) give the logits of the full buffer within 1e-4 every round (a ring two slots
-    short misses by more), and the engine's rings (NGram, every round speculating) give its
-    greedy tokens."""
+    """Prompts of 508 and 450 tokens, then 24 rounds that each verify the greedy token and 4
+    drafts that fail, crossing the 512-token window: the local layers' ring buffers (516
+    slots, wrapping) give the logits of the full buffer within 1e-4 every round (a ring two
+    slots short misses by more), and the engine's rings (NGram, every round speculating) give
+    its greedy tokens. (Prefills longer than the ring: the tiny-config tests in test_hf.)"""
     c = model.config
     base = sum(ref[0]["ragged"] + ref[0]["greedy_prompts"], [])
-    long = (base * (600 // len(base) + 1))[:600]
-    prompts = [long, long[:530]]
-    n, rows = 16, jnp.arange(2)
-    toks = jnp.asarray([p + [0] * (600 - len(p)) for p in prompts])
+    long = (base * (508 // len(base) + 1))[:508]
+    prompts = [long, long[:450]]
+    n, rows = 24, jnp.arange(2)
+    toks = jnp.asarray([p + [0] * (508 - len(p)) for p in prompts])
     lens = jnp.array([len(p) for p in prompts])
     fwd = jax.jit(forward, static_argnums=(1,))
     full = jaxspec.models.KVCache.like(model.params, c, 2, 640)
