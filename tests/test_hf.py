@@ -686,6 +686,39 @@ def test_window_speculative_equals_plain(case, tmp_path):
                                              for loc in model.config.layer_is_local]
 
 
+def test_window_draft_model_with_rings(tmp_path):
+  """A sliding-window draft model keeps rings in its own cache (window + footprint + 1 slots:
+  a bound on what a round writes past the rewind point, the root's two tokens, then the chain
+  or tree; prefill and catch-up write only real tokens, `forward(valid=...)`): DraftModel
+  chains and trees, a draft that always agrees (the target itself) and one that rarely does,
+  every round speculating and under the switch (plain rounds, then a catch-up of the missed
+  tokens), equal plain greedy decoding."""
+  from jaxspec import session
+  from jaxspec.drafters import DraftModel
+  from jaxspec.trees import Dynamic
+  build_windowed("gemma3-window").save_pretrained(tmp_path / "t")
+  build_windowed("gemma3-window", seed=1).save_pretrained(tmp_path / "d")
+  model = jaxspec.load_model(str(tmp_path / "t"), progress=False)
+  other = jaxspec.load_model(str(tmp_path / "d"), progress=False)
+  prompts = [[int(x) for x in _ids(1, n, seed=30 + n)[0]] for n in (15, 6)]
+  kw = dict(max_new_tokens=32, stop_tokens=())
+  plain = jaxspec.generate(model, prompts, **kw).tokens
+  for draft in (model, other):
+    for d in (DraftModel(draft, k=3), DraftModel(draft, tree=Dynamic(nodes=8, topk=2, depth=3))):
+      for speculate in ("always", "auto"):
+        got = jaxspec.generate(model, prompts, drafter=d, speculate=speculate, **kw)
+        assert got.tokens == plain, (draft is model, d, speculate)
+        if draft is model and speculate == "always" and d.tree is None:  # the target's own
+          # chain drafts from an exact draft cache are all accepted (this tree's top path
+          # misses once, with rings or the full buffer alike)
+          assert all(sum(h[:-1]) == 0 for h in got.stats.accepted), got.stats.accepted
+      plan = session.prepare(model, prompts, drafter=d, **kw)
+      cache = session.start(model, plan)[0].dstate.cache
+      ring = WINDOW + plan.spec.drafter.footprint + 1
+      assert cache.ring == ring and [x.shape[1] for x in cache.k] == [
+          ring if loc else cache.size for loc in draft.config.layer_is_local]
+
+
 def test_window_continuous_batching_with_rings(tmp_path):
   """generate_many refills slots of an engine whose local layers are rings (prefill-and-insert
   of new prompts into chosen rows): each prompt's greedy tokens equal generate([prompt])."""

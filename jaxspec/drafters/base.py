@@ -170,6 +170,13 @@ class DrafterSpec:
     return self.k + 1 if self.tree is None else self.tree.footprint
 
   @property
+  def cache_footprint(self) -> int:
+    """Slots one round writes into a draft model's own cache past where it rewinds (the
+    root's two re-fed tokens, then the chain or tree; `DraftModel`, cross-vocabulary drafts):
+    a sliding-window draft keeps rings of window + this - 1 slots there (`models.cache`)."""
+    return self.footprint + 2
+
+  @property
   def depth(self) -> int:
     """Most drafts one round can accept (k for chains, the tree depth for trees)."""
     return self.k if self.tree is None else self.tree.max_depth

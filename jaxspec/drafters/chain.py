@@ -62,8 +62,10 @@ CATCH_UP = (64, 8)  # tokens per draft forward when the draft catches up after p
 
 def catch_up(feed, cache: KVCache, seq: jax.Array, valid: jax.Array, goal: jax.Array) -> KVCache:
   """Feeds seq[valid:goal] ([B, L] tokens, [B] bounds) into a draft cache in chunks
-  (`CATCH_UP`); `feed(tokens [B, c], cache rewound to the chunk's start) -> cache`. Chunks may
-  run past `goal` into slots that are rewritten before anything attends to them."""
+  (`CATCH_UP`); `feed(tokens [B, c], cache rewound to the chunk's start, real [B]) -> cache`,
+  where each row's first `real` tokens are below its goal (pass it to `forward(valid=...)`: a
+  draft cache with ring layers writes only those). The rest of a chunk runs past `goal` into
+  slots that are rewritten before anything attends to them."""
   carry = (cache, jnp.minimum(valid, goal))
   for i, c in enumerate(CATCH_UP):
     last = i == len(CATCH_UP) - 1
@@ -74,7 +76,8 @@ def catch_up(feed, cache: KVCache, seq: jax.Array, valid: jax.Array, goal: jax.A
     def body(x, c=c):
       cache, start = x
       toks = last_tokens(seq, start + c, c)  # [B, c] = seq[start : start + c]
-      return feed(toks, cache.rewind(start)), jnp.minimum(start + c, goal)
+      real = jnp.clip(goal - start, 0, c)
+      return feed(toks, cache.rewind(start), real), jnp.minimum(start + c, goal)
 
     carry = jax.lax.while_loop(cond, body, carry)
   return carry[0]

@@ -95,8 +95,8 @@ class CrossVocabSpec(DrafterSpec):
 
     return jax.lax.while_loop(lambda c: jnp.any(c[2] < n), body, (seq_d, n_d, read))
 
-  def _feed(self, params, toks, cache):
-    return forward(params["model"], self.draft, toks, cache, logits=False).cache
+  def _feed(self, params, toks, cache, real):
+    return forward(params["model"], self.draft, toks, cache, logits=False, valid=real).cache
 
   def init(self, params, p: Prefill):
     b = p.prompt.shape[0]
@@ -113,8 +113,9 @@ class CrossVocabSpec(DrafterSpec):
     seq_d, n_d, read = self._translate(params, seq_d, n_d, zero, p.prompt,
                                        p.prompt_lens.astype(jnp.int32), lead_at)
     slack = max(CATCH_UP) + self.footprint + 2
-    cache = KVCache.like(params["model"], self.draft, b, cap + slack)
-    feed = lambda t, c: self._feed(params, t, c)
+    cache = KVCache.like(params["model"], self.draft, b, cap + slack,
+                         footprint=self.cache_footprint)
+    feed = lambda t, c, real: self._feed(params, t, c, real)
     valid = jnp.maximum(n_d - 2, 0)
     cache = catch_up(feed, cache, seq_d, zero, valid)
     node_slot = None if self.tree is None else jnp.zeros((b, self.tree.n_nodes), jnp.int32)
@@ -124,7 +125,8 @@ class CrossVocabSpec(DrafterSpec):
     b = r.seq.shape[0]
     seq_d, n_d, read = self._translate(params, st.seq, st.n, st.read, r.seq, r.n,
                                        jnp.full((b,), -1, jnp.int32))
-    cache = catch_up(lambda t, c: self._feed(params, t, c), st.cache, seq_d, st.valid, n_d - 2)
+    cache = catch_up(lambda t, c, real: self._feed(params, t, c, real), st.cache, seq_d,
+                     st.valid, n_d - 2)
     # The root: re-feed the last two draft ids (one where the row has a single one) and read
     # the logits at the last of them.
     s = jnp.maximum(n_d - 2, 0)

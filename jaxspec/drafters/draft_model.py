@@ -49,16 +49,17 @@ class DraftModelSpec(DrafterSpec):
   def init(self, params, p: Prefill):
     b = p.prompt.shape[0]
     model = params["model"]
-    cache = KVCache.like(model, self.draft, b, p.cache_size)
-    cache = forward(model, self.draft, p.prompt, cache, logits=False).cache.rewind(p.prompt_lens)
+    cache = KVCache.like(model, self.draft, b, p.cache_size, footprint=self.cache_footprint)
+    cache = forward(model, self.draft, p.prompt, cache, logits=False,
+                    valid=p.prompt_lens).cache.rewind(p.prompt_lens)
     node_slot = None if self.tree is None else jnp.zeros((b, self.tree.n_nodes), jnp.int32)
     return DraftState(cache=cache, valid=p.prompt_lens.astype(jnp.int32), node_slot=node_slot)
 
   def _catch_up(self, params, st: DraftState, r: Round) -> KVCache:
     """Feeds the committed tokens the draft missed (plain rounds do not run it) until every
     row's cache holds seq[:n - 2] (`_root` re-feeds the last two)."""
-    def feed(toks, cache):
-      return forward(params["model"], self.draft, toks, cache, logits=False).cache
+    def feed(toks, cache, real):
+      return forward(params["model"], self.draft, toks, cache, logits=False, valid=real).cache
     return catch_up(feed, st.cache, r.seq, st.valid, r.n - 2)
 
   def _root(self, params, cache: KVCache, r: Round):
