@@ -93,7 +93,8 @@ class KVCache:
 
   @property
   def size(self) -> int:
-    """Slots of the full (global-layer) buffers."""
+    """Slots of the largest buffer: the global layers' full buffer (the ring's R when every
+    layer is local)."""
     return max(x.shape[1] for x in self.k) if self.per_layer else self.k.shape[2]
 
   @property
@@ -129,7 +130,7 @@ class KVCache:
 def ring_slots(config: ModelConfig, size: int, footprint: int | None) -> int:
   """Slots of a local layer's ring buffer (window + footprint - 1), or 0 when the model has no
   sliding window, no footprint is given, or the ring would not be smaller than `size`."""
-  if footprint is None or not config.windowed or not any(config.layer_is_local):
+  if footprint is None or not config.windowed:
     return 0
   if footprint < 1:
     raise ValueError(f"footprint must be at least 1 slot, got {footprint}")

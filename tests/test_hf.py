@@ -542,15 +542,21 @@ def test_window_greedy_matches_generate(windowed, chunk, layers):
   np.testing.assert_array_equal(np.stack([np.asarray(x) for x in toks], axis=1), want)
 
 
+def gemma_like_config(local_pattern=(True, True, False), n_layers=3):
+  """A jaxspec ModelConfig with every Gemma feature and a WINDOW-slot sliding window
+  (`local_pattern` None: every layer local, as Mistral)."""
+  from jaxspec.models import ModelConfig
+  return ModelConfig(dim=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, hidden_dim=64,
+                     vocab_size=V, head_dim=16, max_seq_len=128, sliding_window=WINDOW,
+                     local_pattern=local_pattern, rope_local_theta=1e4, embed_scale=True,
+                     norm_plus_one=True, post_norms=True, qk_norm=True, act="gelu_tanh",
+                     attn_softcap=5.0, final_softcap=3.0, query_scale=0.2)
+
+
 def test_window_chunked_attention_ragged_tree():
   """Ragged rows, a tree mask over draft slots, early exit: reading only each row's window
   chunks equals dense attention over the whole buffer."""
-  from jaxspec.models import ModelConfig
-  c = ModelConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=V,
-                  head_dim=16, max_seq_len=128, sliding_window=WINDOW,
-                  local_pattern=(True, True, False), rope_local_theta=1e4, embed_scale=True,
-                  norm_plus_one=True, post_norms=True, qk_norm=True, act="gelu_tanh",
-                  attn_softcap=5.0, final_softcap=3.0, query_scale=0.2)
+  c = gemma_like_config()
   params = models.init_params(c, 0, scale=0.3)
   ids = jnp.asarray(_ids(2, 40, seed=2))
   cache = models.KVCache.init(c, 2, 64)
@@ -574,13 +580,8 @@ def test_window_ring_cache_equals_full_cache(pattern):
   a ragged padded prefill (valid=) and 40 random rounds as the engine runs them: chains and a
   tree of 1 to `footprint` tokens, tree paths gathered, each row rewound to a random accepted
   count. Logits agree every round. (A ring one slot shorter fails this within 8 rounds.)"""
-  from jaxspec.models import ModelConfig
   pat = RING_CASES[pattern]
-  c = ModelConfig(dim=32, n_layers=len(pat or (1, 1)), n_heads=4, n_kv_heads=2, hidden_dim=64,
-                  vocab_size=V, head_dim=16, max_seq_len=128, sliding_window=WINDOW,
-                  local_pattern=pat, rope_local_theta=1e4, embed_scale=True, norm_plus_one=True,
-                  post_norms=True, qk_norm=True, act="gelu_tanh", attn_softcap=5.0,
-                  final_softcap=3.0, query_scale=0.2)
+  c = gemma_like_config(pat, n_layers=len(pat or (1, 1)))
   params = models.init_params(c, 0, scale=0.3)
   foot, size = 4, 96
   rng = np.random.default_rng(0)
@@ -686,7 +687,15 @@ def test_window_speculative_equals_plain(case, tmp_path):
                                              for loc in model.config.layer_is_local]
 
 
-def test_window_draft_model_with_rings(tmp_path):
+@pytest.fixture(scope="module")
+def gemma3_window(tmp_path_factory):
+  """The gemma3-window case (seed 0) loaded through jaxspec."""
+  d = tmp_path_factory.mktemp("gemma3-window-0")
+  build_windowed("gemma3-window").save_pretrained(d)
+  return jaxspec.load_model(str(d), progress=False)
+
+
+def test_window_draft_model_with_rings(gemma3_window, tmp_path):
   """A sliding-window draft model keeps rings in its own cache (window + footprint + 1 slots:
   a bound on what a round writes past the rewind point, the root's two tokens, then the chain
   or tree; prefill and catch-up write only real tokens, `forward(valid=...)`): DraftModel
@@ -696,10 +705,9 @@ def test_window_draft_model_with_rings(tmp_path):
   from jaxspec import session
   from jaxspec.drafters import DraftModel
   from jaxspec.trees import Dynamic
-  build_windowed("gemma3-window").save_pretrained(tmp_path / "t")
-  build_windowed("gemma3-window", seed=1).save_pretrained(tmp_path / "d")
-  model = jaxspec.load_model(str(tmp_path / "t"), progress=False)
-  other = jaxspec.load_model(str(tmp_path / "d"), progress=False)
+  model = gemma3_window
+  build_windowed("gemma3-window", seed=1).save_pretrained(tmp_path)
+  other = jaxspec.load_model(str(tmp_path), progress=False)
   prompts = [[int(x) for x in _ids(1, n, seed=30 + n)[0]] for n in (15, 6)]
   kw = dict(max_new_tokens=32, stop_tokens=())
   plain = jaxspec.generate(model, prompts, **kw).tokens
@@ -719,12 +727,11 @@ def test_window_draft_model_with_rings(tmp_path):
           ring if loc else cache.size for loc in draft.config.layer_is_local]
 
 
-def test_window_continuous_batching_with_rings(tmp_path):
+def test_window_continuous_batching_with_rings(gemma3_window):
   """generate_many refills slots of an engine whose local layers are rings (prefill-and-insert
   of new prompts into chosen rows): each prompt's greedy tokens equal generate([prompt])."""
   from jaxspec.drafters import EarlyExit
-  build_windowed("gemma3-window").save_pretrained(tmp_path)
-  model = jaxspec.load_model(str(tmp_path), progress=False)
+  model = gemma3_window
   prompts = [[int(x) for x in _ids(1, n, seed=10 + n)[0]] for n in (3, 14, 7, 11, 5)]
   kw = dict(max_new_tokens=20, stop_tokens=())
   want = [jaxspec.generate(model, [p], **kw).tokens[0] for p in prompts]
@@ -734,13 +741,12 @@ def test_window_continuous_batching_with_rings(tmp_path):
     assert [got[i] for i in range(len(prompts))] == want, d
 
 
-def test_window_rings_on_a_mesh(tmp_path):
+def test_window_rings_on_a_mesh(gemma3_window):
   """The engine's ring buffers sharded over a 2 x 2 (data x tensor) mesh: the same greedy
   tokens as one device, plain and with EarlyExit."""
   from jaxspec import sharding
   from jaxspec.drafters import EarlyExit
-  build_windowed("gemma3-window").save_pretrained(tmp_path)
-  model = jaxspec.load_model(str(tmp_path), progress=False)
+  model = gemma3_window
   prompts = [[int(x) for x in _ids(1, n, seed=20 + n)[0]] for n in (13, 4)]
   kw = dict(max_new_tokens=20, stop_tokens=())
   mesh = sharding.make_mesh(data=2, tensor=2, devices=jax.devices()[:4])

@@ -112,7 +112,7 @@ class CrossVocabSpec(DrafterSpec):
     zero = jnp.zeros((b,), jnp.int32)
     seq_d, n_d, read = self._translate(params, seq_d, n_d, zero, p.prompt,
                                        p.prompt_lens.astype(jnp.int32), lead_at)
-    slack = max(CATCH_UP) + self.footprint + 2
+    slack = max(CATCH_UP) + self.cache_footprint
     cache = KVCache.like(params["model"], self.draft, b, cap + slack,
                          footprint=self.cache_footprint)
     feed = lambda t, c, real: self._feed(params, t, c, real)
