@@ -10,6 +10,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAXSPEC_SPECULATE", "always")
 
 import pathlib  # noqa: E402
+import re  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -28,6 +29,24 @@ STORY_PROMPTS = ["Once upon a time", "Tom and his dog went to the", "The little 
 
 def pytest_configure(config):
   assert jax.device_count() == 8, "tests expect 8 simulated host devices"
+  _check_xdist_groups(config)
+
+
+def _check_xdist_groups(config):
+  """`--dist loadgroup` keeps each `xdist_group` on one worker by appending the group to the
+  nodeid on the worker; pytest 9.2 keys nodeids on `Node._id`, which pytest-xdist 3.8 does not
+  set, so every group is silently spread over the workers (both then load the real
+  checkpoints, and class fixtures are rebuilt per worker). Refuse that pair up front."""
+  if config.getoption("dist", "no") != "loadgroup" or hasattr(config, "workerinput"):
+    return
+  import importlib.metadata as md
+  def version(pkg):
+    return tuple(int(x) for x in re.findall(r"\d+", md.version(pkg))[:2])
+  if version("pytest") >= (9, 2) and version("pytest-xdist") <= (3, 8):
+    raise pytest.UsageError(
+        f"pytest {md.version('pytest')} with pytest-xdist {md.version('pytest-xdist')} ignores "
+        f"xdist_group under --dist loadgroup; install the test extra's pins: "
+        f"pip install -e \".[test]\" (pytest<9.2)")
 
 
 @pytest.fixture(scope="session")
