@@ -19,6 +19,9 @@ from jaxspec.drafters.registry import parse as parse_drafter
 from jaxspec.models import Model
 from conftest import STORY_PROMPTS
 
+# One worker builds this module's trained heads (module fixtures) once: `--dist loadgroup`.
+pytestmark = pytest.mark.xdist_group("train")
+
 PROMPTS = STORY_PROMPTS
 N_NEW = 24
 STEPS = 60
@@ -376,6 +379,10 @@ def test_draft_vocab_errors(stories, runs):
   with pytest.raises(ValueError, match="draft_vocab must be an integer >= 2"):
     jaxspec.train.train_drafter(stories, kind="eagle", out_dir=str(runs / "x"), steps=1,
                                 draft_vocab=1)
+  from jaxspec.train import objectives  # the objective factory, called directly
+  with pytest.raises(ValueError, match=r"not 'distill' \(a distilled model drafts with "
+                                       r"DraftModel\(model, vocab=N\)\)"):
+    objectives.make("distill", stories, k=4, ids=range(64))
 
 
 def test_data_file_formats(stories, tmp_path):

@@ -15,6 +15,9 @@ from jaxspec import sharding
 from jaxspec.train import data as data_lib
 from jaxspec.train import trainer
 
+# One worker runs this module's reference trainings (module fixtures) once: `--dist loadgroup`.
+pytestmark = pytest.mark.xdist_group("train_mesh")
+
 STEPS = 12
 SETTINGS = dict(steps=STEPS, batch_size=8, seq_len=64, num_prompts=32, samples_per_prompt=1,
                 eval_every=0, eval_prompts=4, eval_tokens=16, progress=False, lr=3e-3)
