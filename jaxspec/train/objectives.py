@@ -371,8 +371,10 @@ def make(kind: str, model: Model, *, k: int, layers: int | None = None, ids=None
     return HydraObjective(c, hydra.HydraConfig(c, n_heads=k, layers=layers or 1,
                                                draft_vocab=n), ids=ids, **opts)
   if ids is not None:
+    hint = {"distill": " (a distilled model drafts with DraftModel(model, vocab=N))",
+            "adapter": " (a Kangaroo adapter reads out through the target's own head)"}
     raise ValueError(f"draft_vocab applies to kinds 'eagle', 'eagle3', 'medusa' and 'hydra', "
-                     f"not {kind!r}")
+                     f"not {kind!r}{hint.get(kind, '')}")
   if kind == "adapter":
     exit_layer = (kangaroo.default_exit_layer(c.n_layers) if layers is None
                   else kangaroo.check_exit_layer(layers, c.n_layers))
