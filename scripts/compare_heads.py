@@ -4,6 +4,11 @@ same data, steps and settings, then measured on the trainer's held-out prompts: 
 a dynamic tree, and tokens/s against plain decoding (interleaved passes, median).
 
     python scripts/compare_heads.py --model stories260K --steps 500 --draft-vocab 128 --out runs/heads
+    python scripts/compare_heads.py --model smollm2-135m --steps 150 --vocabs 8192 \
+        --num-prompts 256 --samples-per-prompt 1 --out runs/heads_smollm
+
+`--vocabs` lists the draft vocabularies to train (`full` and/or sizes; default: full and
+`--draft-vocab`). A run directory that already holds a trained head is measured, not retrained.
 """
 
 from __future__ import annotations
@@ -30,24 +35,33 @@ def main(argv=None) -> int:
   ap.add_argument("--kinds", default="eagle,eagle3,medusa,hydra")
   ap.add_argument("--steps", type=int, default=500)
   ap.add_argument("--draft-vocab", type=int, default=128)
+  ap.add_argument("--vocabs", default=None,
+                  help="comma list of 'full' and sizes (default: full,<--draft-vocab>)")
+  ap.add_argument("--batch-size", type=int, default=16)
+  ap.add_argument("--num-prompts", type=int, default=512)
+  ap.add_argument("--samples-per-prompt", type=int, default=2)
   ap.add_argument("--out", default="runs/heads")
   ap.add_argument("--max-new-tokens", type=int, default=64)
   ap.add_argument("--passes", type=int, default=3)
   a = ap.parse_args(argv)
 
   model = jaxspec.load_model(a.model)
-  runs = []
+  vocabs = (None, a.draft_vocab) if a.vocabs is None else tuple(
+      None if v.strip() == "full" else int(v) for v in a.vocabs.split(","))
+  settings = dict(steps=a.steps, batch_size=a.batch_size, num_prompts=a.num_prompts,
+                  samples_per_prompt=a.samples_per_prompt)
+  runs, first = [], {}  # first: the data of the first run of each family, generated once
   for kind in a.kinds.split(","):
-    for dv in (None, a.draft_vocab):
+    for dv in vocabs:
       out = os.path.join(a.out, kind + ("" if dv is None else f"_v{dv}"))
-      first = os.path.join(a.out, "eagle", "data")
-      if (kind != "eagle3" and not os.path.exists(os.path.join(out, "data"))
-          and os.path.exists(first)):  # the same data: generate it once (EAGLE-3's also
-        shutil.copytree(first, os.path.join(out, "data"))  # holds its layers' outputs)
+      family = "eagle3" if kind == "eagle3" else "last layer"  # EAGLE-3's holds more layers
+      if family in first and not os.path.exists(os.path.join(out, "data")):
+        shutil.copytree(first[family], os.path.join(out, "data"))
+      first.setdefault(family, os.path.join(out, "data"))
       stamp = os.path.join(out, "train_seconds.txt")
       if not os.path.exists(stamp):  # trained before: keep its wall-clock
         t0 = time.perf_counter()
-        jaxspec.train.train_drafter(model, kind=kind, out_dir=out, steps=a.steps, draft_vocab=dv)
+        jaxspec.train.train_drafter(model, kind=kind, out_dir=out, draft_vocab=dv, **settings)
         with open(stamp, "w") as f:
           f.write(f"{time.perf_counter() - t0:.1f}")
       with open(stamp) as f:
