@@ -123,8 +123,8 @@ def test_smollm_greedy_equals_plain(smollm):
              "Summarize: the cat sat on the mat. The cat sat on the mat because"]
   n = 16
   plain = jaxspec.generate(smollm, prompts, max_new_tokens=n, stop_tokens=())
-  for d in [drafters.NGram(n=2, k=3), drafters.EarlyExit(layers=24, k=4),
-            drafters.DraftModel(truncated(smollm, 8), k=1),
+  # (EarlyExit(24, k=4) and NGram(k=4) on SmolLM2: test_real_checkpoints.py::TestSmolLM2)
+  for d in [drafters.NGram(n=2, k=3), drafters.DraftModel(truncated(smollm, 8), k=1),
             drafters.DraftModel(truncated(smollm, 8), k=8)]:
     out = jaxspec.generate(smollm, prompts, drafter=d, max_new_tokens=n, stop_tokens=())
     assert out.tokens == plain.tokens, type(d).__name__
