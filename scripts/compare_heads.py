@@ -49,7 +49,7 @@ def main(argv=None) -> int:
   vocabs = (None, a.draft_vocab) if a.vocabs is None else tuple(
       None if v.strip() == "full" else int(v) for v in a.vocabs.split(","))
   settings = dict(steps=a.steps, batch_size=a.batch_size, num_prompts=a.num_prompts,
-                  samples_per_prompt=a.samples_per_prompt)
+                  samples_per_prompt=a.samples_per_prompt, eval_every=0)  # measured below
   runs, first = [], {}  # first: the data of the first run of each family, generated once
   for kind in a.kinds.split(","):
     for dv in vocabs:
