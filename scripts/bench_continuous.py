@@ -2,8 +2,8 @@
 
     python scripts/bench_continuous.py --model stories260K --num-prompts 128 --batch-size 16 \
         --max-new-tokens 256 --drafters none,ngram --repeats 3
-    python scripts/bench_continuous.py --model SmolLM2-135M-Instruct.Q4_1.gguf --chat \
-        --max-prompt-tokens 256 --num-prompts 128 --max-new-tokens 128 --repeats 1
+    python scripts/bench_continuous.py --model smollm2-135m --chat --max-prompt-tokens 256 \
+        --num-prompts 128 --max-new-tokens 512 --repeats 1
 
 The first Spec-Bench prompts (file order) that fit the context with max_new_tokens, natural
 stops (the tokenizer's EOS). The timed runs are
