@@ -11,6 +11,8 @@ os.environ.setdefault("JAXSPEC_SPECULATE", "always")
 
 import pathlib  # noqa: E402
 import re  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -27,9 +29,33 @@ STORY_PROMPTS = ["Once upon a time", "Tom and his dog went to the", "The little 
                  "Lily wanted to play with her friend in the big park. She said"]
 
 
+# A persistent XLA compilation cache shared by the run's processes (the xdist workers inherit
+# the variable from the controller). Compiling dominates this suite on CPU, and the same
+# programs are built again in other modules (`_release_executables` drops them after each
+# module) and on the other worker: those become cache loads. Set the variable yourself to keep
+# a cache across runs; otherwise a fresh directory is made and removed at the end.
+COMPILATION_CACHE = "JAXSPEC_TEST_COMPILATION_CACHE"
+_made_cache = None
+
+
 def pytest_configure(config):
   assert jax.device_count() == 8, "tests expect 8 simulated host devices"
   _check_xdist_groups(config)
+  _share_compilation_cache(config)
+
+
+def pytest_unconfigure(config):
+  if _made_cache is not None:
+    shutil.rmtree(_made_cache, ignore_errors=True)
+
+
+def _share_compilation_cache(config):
+  global _made_cache
+  if not os.environ.get(COMPILATION_CACHE) and not hasattr(config, "workerinput"):
+    _made_cache = os.environ[COMPILATION_CACHE] = tempfile.mkdtemp(prefix="jaxspec-xla-cache-")
+  if os.environ.get(COMPILATION_CACHE):
+    jax.config.update("jax_compilation_cache_dir", os.environ[COMPILATION_CACHE])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 def _check_xdist_groups(config):
