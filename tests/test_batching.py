@@ -238,7 +238,7 @@ def _error(capsys, *args):
   return capsys.readouterr().err
 
 
-def test_run_bad_input(tmp_path, capsys):
+def test_run_bad_input(tmp_path, capsys, monkeypatch, stories):
   out = str(tmp_path / "out.jsonl")
   empty = tmp_path / "empty.jsonl"
   empty.write_text("\n")
@@ -259,6 +259,12 @@ def test_run_bad_input(tmp_path, capsys):
   err = _error(capsys, "--input", str(bad), "--output", out, *RUN_ARGS, "--skip-bad-lines",
                "--seed", "5")
   assert "other settings: --seed 0 (now 5)" in err
+  # Another model under the same --model name (a re-exported or fine-tuned checkpoint at the
+  # same path): its weights differ, so the rerun refuses to mix its lines in.
+  monkeypatch.setattr(jaxspec, "load_model", lambda *args, **kw: truncated(stories, 2))
+  err = _error(capsys, "--input", str(bad), "--output", out, *RUN_ARGS, "--skip-bad-lines")
+  assert "other settings: --model (its weights)" in err
+  monkeypatch.undo()
   foreign = tmp_path / "foreign.jsonl"
   foreign.write_text('{"some": "thing"}\n')
   assert "foreign.jsonl:1 is not a jaxspec run output line" in _error(
