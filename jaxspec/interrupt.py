@@ -22,6 +22,7 @@ This module imports nothing heavy: the command installs it before it imports jax
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import os
 import select
@@ -32,6 +33,8 @@ import time
 
 EXITS = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminated")}
 GRACE_S = 5.0
+FLUSH_S = 0.5  # the most the exit waits for buffered output to flush
+HANDOVER_S = 2.0  # the most a thread waits for another that took the exit first
 
 _installed = False
 _requested: int | None = None  # the first signal received
@@ -83,7 +86,16 @@ def _on_signal(signum, frame) -> None:
 
 
 def _watch(fd: int) -> None:
-  """Woken through the wakeup fd, whatever the main thread is doing."""
+  """Woken through the wakeup fd, whatever the main thread is doing. Should anything in it
+  fail, the process still ends: a dead watcher would leave signals to the main thread alone,
+  which cannot act while it waits in C++."""
+  try:
+    _watch_loop(fd)
+  except BaseException:  # noqa: BLE001
+    exit_now(_requested)
+
+
+def _watch_loop(fd: int) -> None:
   deadline, sig = None, None
   while True:
     timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -126,31 +138,43 @@ def _progress_bar_open() -> bool:
 
 
 def _flush_stdout() -> None:
-  """Flushes what was printed (stdout and stderr), without hanging on a stalled pipe or on a
-  lock held by the thread we interrupted."""
+  """Flushes what was printed (stdout and stderr) for at most FLUSH_S, without hanging on a
+  stalled pipe or on a lock held by the thread we interrupted: the flush runs in a bare
+  `_thread` (no `threading` bookkeeping, whose locks the interrupted thread may hold), and if
+  no thread can be started the output is left as it is."""
+  done = _thread.allocate_lock()
+  done.acquire()
+
   def flush():
-    for f in (sys.stdout, sys.stderr):
-      with contextlib.suppress(Exception):
-        f.flush()
-  t = threading.Thread(target=flush, daemon=True)
-  t.start()
-  t.join(0.5)
+    try:
+      for f in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+          f.flush()
+    finally:
+      done.release()
+  try:
+    _thread.start_new_thread(flush, ())
+  except Exception:  # noqa: BLE001 (no thread to spare: exit without flushing)
+    return
+  done.acquire(timeout=FLUSH_S)
 
 
 def exit_now(signum: int | None = None) -> None:
   """Prints `jaxspec: interrupted` (or `terminated`) on its own line and ends the process with
-  128 + the signal number, at once (os._exit: no unwinding through XLA)."""
+  128 + the signal number, at once (os._exit: no unwinding through XLA). Never waits for
+  long: if another thread took the exit first and has not ended the process within
+  HANDOVER_S (it may be stuck, or gone), this one ends it."""
   if signum not in EXITS:
     signum = _requested if _requested in EXITS else signal.SIGINT
   global _exiting
-  if not _exit_lock.acquire(blocking=False):
-    if _exiting == threading.get_ident():  # a second signal while this thread exits: go on
-      return
-    while True:  # another thread is on its way out
-      time.sleep(1)
-  _exiting = threading.get_ident()
+  if _exit_lock.acquire(blocking=False):
+    _exiting = threading.get_ident()
+    _flush_stdout()
+  elif _exiting == threading.get_ident():  # a second signal while this thread exits: go on
+    return
+  else:  # another thread is on its way out; should it be stuck (or gone), end it from here
+    _exit_lock.acquire(timeout=HANDOVER_S)
   code, word = EXITS[signum]
-  _flush_stdout()
   line = ("\n" if _progress_bar_open() else "") + f"jaxspec: {word}\n"
   with contextlib.suppress(OSError):
     os.write(2, line.encode())

@@ -266,6 +266,25 @@ def test_cli_ctrl_c_generate_exits_130_with_one_line():
   _assert_one_line(_signal_runs(lambda i: GENERATE, [1.0, 4.0], burst=5, finished=" tokens in "))
 
 
+def test_exit_never_waits_for_a_stuck_exiting_thread():
+  """A burst of signals sends several threads into `interrupt.exit_now`; the first one ends
+  the process and the others wait for it. Should that first thread never get there (stuck, or
+  gone while holding the exit), the others end the process within HANDOVER_S: before, they
+  waited forever (a CI run once hung 90 s after a burst of Ctrl-Cs)."""
+  code = ("import signal, threading\n"
+          "from jaxspec import interrupt\n"
+          "t = threading.Thread(target=interrupt._exit_lock.acquire)  # takes the exit, then is gone\n"
+          "t.start(); t.join()\n"
+          "interrupt._exiting = t.ident\n"
+          "interrupt.exit_now(signal.SIGTERM)\n"
+          "print('still running')\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                     timeout=60)
+  assert p.returncode == 143 and p.stderr == "jaxspec: terminated\n", p
+  assert "still running" not in p.stdout
+
+
 def test_cli_ctrl_c_while_streaming_tokens():
   """Once tokens are printing (the compiled loop is running): the same one line."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
